@@ -1,0 +1,120 @@
+"""`genloom.Client` and `genloom.AsyncClient`: one channel to a genloom server, a resource per service."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+
+from genloom._transport import _DEFAULT, DEFAULT_MAX_RETRIES, AsyncTransport, ClientOptions, SyncTransport
+from genloom.resources.tokenizer import AsyncTokenizer, Tokenizer
+
+
+class Client:
+    """Synchronous client for every genloom service.
+
+    Args:
+        target: gRPC target, e.g. "127.0.0.1:50051" or "ipv4:10.0.0.1:50051,10.0.0.2:50051" (round-robin).
+            Default: $GENLOOM_TARGET, else 127.0.0.1:50051.
+        api_key: sent as "authorization: Bearer <key>". Default: $GENLOOM_API_KEY.
+        timeout: deadline in seconds for each call (None: no deadline). Default: $GENLOOM_TIMEOUT, else 60.
+        max_retries: retries of a call that failed with UNAVAILABLE or RESOURCE_EXHAUSTED, with jittered
+            exponential backoff (0.5 s doubling to 8 s, or the server's RetryInfo). Default 2.
+        tls: use TLS with the system's root certificates.
+        root_certificates: PEM roots to trust instead (implies TLS).
+        metadata: extra metadata sent with every call.
+        channel_options: extra grpc channel options.
+
+    Use it as a context manager, or call `close()`, to release the channel.
+    """
+
+    def __init__(
+        self,
+        *,
+        target: str | None = None,
+        api_key: str | None = None,
+        timeout: float | None = _DEFAULT,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        tls: bool | None = None,
+        root_certificates: bytes | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+        channel_options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self._options = ClientOptions.resolve(
+            target=target,
+            api_key=api_key,
+            timeout=timeout,
+            max_retries=max_retries,
+            tls=tls,
+            root_certificates=root_certificates,
+            metadata=metadata,
+            channel_options=channel_options,
+        )
+        self._transport = SyncTransport(self._options)
+        self.tokenizer = Tokenizer(self._transport)
+        """Tokenize, detokenize, count tokens, chat templates, context windows."""
+
+    @property
+    def target(self) -> str:
+        return self._options.target
+
+    def close(self) -> None:
+        """Close the channel; in-flight calls are cancelled."""
+        self._transport.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """Asynchronous client for every genloom service (grpc.aio). Same arguments as `Client`.
+
+    Use it as an async context manager, or `await client.close()`.
+    """
+
+    def __init__(
+        self,
+        *,
+        target: str | None = None,
+        api_key: str | None = None,
+        timeout: float | None = _DEFAULT,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        tls: bool | None = None,
+        root_certificates: bytes | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+        channel_options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self._options = ClientOptions.resolve(
+            target=target,
+            api_key=api_key,
+            timeout=timeout,
+            max_retries=max_retries,
+            tls=tls,
+            root_certificates=root_certificates,
+            metadata=metadata,
+            channel_options=channel_options,
+        )
+        self._transport = AsyncTransport(self._options)
+        self.tokenizer = AsyncTokenizer(self._transport)
+        """Tokenize, detokenize, count tokens, chat templates, context windows."""
+
+    @property
+    def target(self) -> str:
+        return self._options.target
+
+    async def close(self) -> None:
+        """Close the channel; in-flight calls are cancelled."""
+        await self._transport.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()

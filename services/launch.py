@@ -1,0 +1,54 @@
+"""Which services a `genloom serve` process hosts, and the process entry point."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+from genloom.services.server.settings import ModelSettings, ServerSettings, Settings
+from genloom.services.tokenizer.settings import TokenizerSettings
+
+logger = logging.getLogger(__name__)
+
+SERVICES = ("tokenizer", "inference", "tasks", "finetune")
+# Every settings class a `genloom serve` process reads, in the order the CLI shows them.
+SETTINGS_CLASSES: tuple[type[Settings], ...] = (ServerSettings, ModelSettings, TokenizerSettings)
+
+
+def build_services(which: str, models: ModelSettings, tokenizer: TokenizerSettings) -> list:  # type: ignore[type-arg]
+    """The service objects for `which` ("all" or one of SERVICES)."""
+    from genloom.services.server.placeholder import PlaceholderService
+    from genloom.services.tokenizer.servicer import TokenizerServicer
+
+    if which != "all" and which not in SERVICES:
+        raise ValueError(f"unknown service {which!r}; choose all or one of {', '.join(SERVICES)}")
+    names: Sequence[str] = SERVICES if which == "all" else (which,)
+    services = []
+    for name in names:
+        if name == "tokenizer":
+            services.append(TokenizerServicer.from_settings(models, tokenizer))
+        else:  # not shipped yet: the contract is served, every RPC answers UNIMPLEMENTED
+            services.append(PlaceholderService(_descriptor(name)))
+    return services
+
+
+def run(which: str, server: ServerSettings, models: ModelSettings, tokenizer: TokenizerSettings) -> None:
+    """Serve until SIGTERM/SIGINT. Raises if a service fails to start."""
+    from genloom.services.server.app import GenloomServer
+    from genloom.services.server.log_setup import configure_logging
+
+    configure_logging(server.log_level, server.log_format)
+    app = GenloomServer(server, build_services(which, models, tokenizer))
+    asyncio.run(app.serve_until_signal())
+
+
+def _descriptor(name: str):  # type: ignore[no-untyped-def]
+    import importlib
+
+    module, service = {
+        "inference": ("inference_pb2", "InferenceService"),
+        "tasks": ("tasks_pb2", "TaskService"),
+        "finetune": ("finetune_pb2", "FineTuningService"),
+    }[name]
+    return importlib.import_module(f"genloom.v1.{module}").DESCRIPTOR.services_by_name[service]

