@@ -72,6 +72,8 @@ class ServerThread:
         self.call(self.server.wait_ready(), timeout)
 
     def stop(self, grace: float = 1.0) -> None:
+        if not self._thread.is_alive():
+            return
         self.call(self.server.stop(grace))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)

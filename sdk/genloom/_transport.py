@@ -100,8 +100,8 @@ def backoff_delay(attempt: int, error: APIStatusError) -> float:
     """Seconds to wait before retry number `attempt` (0-based): the server's RetryInfo if it sent one,
     else exponential from 0.5 s up to 8 s, with jitter so that many clients don't retry in lockstep."""
     if error.retry_after is not None:
-        return min(max(error.retry_after, 0.0), 60.0)
-    base = min(INITIAL_BACKOFF * (2**attempt), MAX_BACKOFF)
+        return min(max(float(error.retry_after), 0.0), 60.0)
+    base = min(INITIAL_BACKOFF * 2.0**attempt, MAX_BACKOFF)
     return base * (1 - 0.25 * random.random())
 
 

@@ -192,7 +192,7 @@ def _serve_command() -> Any:
             built = {cls: cls(**{k: v for k, v in values.items() if owners[k] is cls}) for cls in SETTINGS_CLASSES}
         except SettingsError as err:
             raise typer.BadParameter(str(err)) from None
-        run(getattr(service, "value", service), *built.values())  # type: ignore[arg-type]
+        run(getattr(service, "value", service), *built.values())
 
     serve.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     return serve

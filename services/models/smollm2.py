@@ -87,3 +87,22 @@ def _convert(gguf_file: Path, out_dir: Path) -> None:
         plain.generation_config = model.generation_config
     plain.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(out_dir))
+
+
+def main() -> None:
+    """`python -m genloom.services.models.smollm2`: convert the default model into the cache now."""
+    import sys
+
+    from genloom.services.models.registry import DEFAULT_MODEL
+    from genloom.services.server.settings import ModelSettings
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        path = ensure_default_model(ModelSettings.from_env().model_cache, DEFAULT_MODEL)
+    except DefaultModelMissing as err:
+        sys.exit(f"error: {err}")
+    print(path)
+
+
+if __name__ == "__main__":
+    main()

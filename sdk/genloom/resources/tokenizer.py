@@ -22,7 +22,7 @@ Input = str | Conversation
 
 
 def _inputs(inputs: Input | Sequence[Input]) -> list[tokenizer_pb2.TokenizerInput]:
-    items: Sequence[Input] = [inputs] if isinstance(inputs, str) else inputs  # type: ignore[list-item]
+    items: Sequence[Any] = [inputs] if isinstance(inputs, str) else inputs
     out = []
     for item in items:
         if isinstance(item, str):
