@@ -30,7 +30,7 @@ from genloom.services.server.settings import ModelSettings
 from genloom.services.tokenizer.servicer import TokenizerServicer
 from genloom.services.tokenizer.settings import TokenizerSettings
 from genloom.services.tokenizer.store import TokenizerStore, load_tokenizer
-from genloom.v1 import inference_pb2, inference_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
+from genloom.v1 import finetune_pb2, inference_pb2, inference_pb2_grpc, tasks_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 
 from .conftest import DEFAULT_MODEL, ServerThread, model_cache, start_server, tokenizer_service
 
@@ -137,6 +137,8 @@ def _every_rpc(channel: grpc.Channel, module: Any, service_name: str) -> Iterato
     [
         (tokenizer_pb2, "TokenizerService"),
         (inference_pb2, "InferenceService"),
+        (tasks_pb2, "TaskService"),
+        (finetune_pb2, "FineTuningService"),
     ],
 )
 def test_auth_rejects_missing_and_wrong_keys_on_every_rpc(

@@ -10,7 +10,44 @@ from genloom._transport import _DEFAULT, DEFAULT_MAX_RETRIES, AsyncTransport, Cl
 from genloom.resources.tokenizer import AsyncTokenizer, Tokenizer
 
 
-class Client:
+class _ClientBase:
+    """Resolves the options shared by both clients (see `Client` for their meaning)."""
+
+    def __init__(
+        self,
+        *,
+        target: str | None = None,
+        api_key: str | None = None,
+        timeout: float | None = _DEFAULT,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        tls: bool | None = None,
+        root_certificates: bytes | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+        channel_options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self._options = ClientOptions.resolve(
+            target=target,
+            api_key=api_key,
+            timeout=timeout,
+            max_retries=max_retries,
+            tls=tls,
+            root_certificates=root_certificates,
+            metadata=metadata,
+            channel_options=channel_options,
+        )
+        self._connect()
+
+    def _connect(self) -> None:
+        """Open the channel and create the service resources."""
+        raise NotImplementedError
+
+    @property
+    def target(self) -> str:
+        """The gRPC target this client talks to."""
+        return self._options.target
+
+
+class Client(_ClientBase):
     """Synchronous client for every genloom service.
 
     Args:
@@ -28,35 +65,12 @@ class Client:
     Use it as a context manager, or call `close()`, to release the channel.
     """
 
-    def __init__(
-        self,
-        *,
-        target: str | None = None,
-        api_key: str | None = None,
-        timeout: float | None = _DEFAULT,
-        max_retries: int = DEFAULT_MAX_RETRIES,
-        tls: bool | None = None,
-        root_certificates: bytes | None = None,
-        metadata: Sequence[tuple[str, str]] = (),
-        channel_options: Sequence[tuple[str, Any]] = (),
-    ) -> None:
-        self._options = ClientOptions.resolve(
-            target=target,
-            api_key=api_key,
-            timeout=timeout,
-            max_retries=max_retries,
-            tls=tls,
-            root_certificates=root_certificates,
-            metadata=metadata,
-            channel_options=channel_options,
-        )
+    tokenizer: Tokenizer
+    """Tokenize, detokenize, count tokens, chat templates, context windows."""
+
+    def _connect(self) -> None:
         self._transport = SyncTransport(self._options)
         self.tokenizer = Tokenizer(self._transport)
-        """Tokenize, detokenize, count tokens, chat templates, context windows."""
-
-    @property
-    def target(self) -> str:
-        return self._options.target
 
     def close(self) -> None:
         """Close the channel; in-flight calls are cancelled."""
@@ -71,41 +85,18 @@ class Client:
         self.close()
 
 
-class AsyncClient:
+class AsyncClient(_ClientBase):
     """Asynchronous client for every genloom service (grpc.aio). Same arguments as `Client`.
 
     Use it as an async context manager, or `await client.close()`.
     """
 
-    def __init__(
-        self,
-        *,
-        target: str | None = None,
-        api_key: str | None = None,
-        timeout: float | None = _DEFAULT,
-        max_retries: int = DEFAULT_MAX_RETRIES,
-        tls: bool | None = None,
-        root_certificates: bytes | None = None,
-        metadata: Sequence[tuple[str, str]] = (),
-        channel_options: Sequence[tuple[str, Any]] = (),
-    ) -> None:
-        self._options = ClientOptions.resolve(
-            target=target,
-            api_key=api_key,
-            timeout=timeout,
-            max_retries=max_retries,
-            tls=tls,
-            root_certificates=root_certificates,
-            metadata=metadata,
-            channel_options=channel_options,
-        )
+    tokenizer: AsyncTokenizer
+    """Tokenize, detokenize, count tokens, chat templates, context windows."""
+
+    def _connect(self) -> None:
         self._transport = AsyncTransport(self._options)
         self.tokenizer = AsyncTokenizer(self._transport)
-        """Tokenize, detokenize, count tokens, chat templates, context windows."""
-
-    @property
-    def target(self) -> str:
-        return self._options.target
 
     async def close(self) -> None:
         """Close the channel; in-flight calls are cancelled."""

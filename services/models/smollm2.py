@@ -72,14 +72,14 @@ def _convert(gguf_file: Path, out_dir: Path) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
     model = AutoModelForCausalLM.from_pretrained(
-        str(gguf_file.parent), gguf_file=gguf_file.name, torch_dtype=torch.float32
+        str(gguf_file.parent), gguf_file=gguf_file.name, dtype=torch.float32
     )
     # save_pretrained refuses a model that still carries its GGUF quantisation config, although the weights are
     # already dequantised: rebuild a plain model from the config and copy the weights over.
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config.torch_dtype = torch.float32
+    config.dtype = torch.float32
     plain = type(model)(config)
     plain.load_state_dict(model.state_dict())
     plain.to(torch.float32)
