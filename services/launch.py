@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
+from genloom.services.inference.settings import InferenceSettings
 from genloom.services.server.settings import ModelSettings, ServerSettings, Settings
 from genloom.services.tokenizer.settings import TokenizerSettings
 
@@ -13,11 +14,14 @@ logger = logging.getLogger(__name__)
 
 SERVICES = ("tokenizer", "inference", "tasks", "finetune")
 # Every settings class a `genloom serve` process reads, in the order the CLI shows them.
-SETTINGS_CLASSES: tuple[type[Settings], ...] = (ServerSettings, ModelSettings, TokenizerSettings)
+SETTINGS_CLASSES: tuple[type[Settings], ...] = (ServerSettings, ModelSettings, TokenizerSettings, InferenceSettings)
 
 
-def build_services(which: str, models: ModelSettings, tokenizer: TokenizerSettings) -> list:  # type: ignore[type-arg]
+def build_services(  # type: ignore[no-untyped-def]
+    which: str, models: ModelSettings, tokenizer: TokenizerSettings, inference: InferenceSettings | None = None
+) -> list:
     """The service objects for `which` ("all" or one of SERVICES)."""
+    from genloom.services.inference.servicer import InferenceServicer
     from genloom.services.server.placeholder import PlaceholderService
     from genloom.services.tokenizer.servicer import TokenizerServicer
 
@@ -28,18 +32,26 @@ def build_services(which: str, models: ModelSettings, tokenizer: TokenizerSettin
     for name in names:
         if name == "tokenizer":
             services.append(TokenizerServicer.from_settings(models, tokenizer))
+        elif name == "inference":
+            services.append(InferenceServicer(models, inference or InferenceSettings()))
         else:  # not shipped yet: the contract is served, every RPC answers UNIMPLEMENTED
             services.append(PlaceholderService(_descriptor(name)))
     return services
 
 
-def run(which: str, server: ServerSettings, models: ModelSettings, tokenizer: TokenizerSettings) -> None:
+def run(
+    which: str,
+    server: ServerSettings,
+    models: ModelSettings,
+    tokenizer: TokenizerSettings,
+    inference: InferenceSettings,
+) -> None:
     """Serve until SIGTERM/SIGINT. Raises if a service fails to start."""
     from genloom.services.server.app import GenloomServer
     from genloom.services.server.log_setup import configure_logging
 
     configure_logging(server.log_level, server.log_format)
-    app = GenloomServer(server, build_services(which, models, tokenizer))
+    app = GenloomServer(server, build_services(which, models, tokenizer, inference))
     asyncio.run(app.serve_until_signal())
 
 
@@ -47,7 +59,6 @@ def _descriptor(name: str):  # type: ignore[no-untyped-def]
     import importlib
 
     module, service = {
-        "inference": ("inference_pb2", "InferenceService"),
         "tasks": ("tasks_pb2", "TaskService"),
         "finetune": ("finetune_pb2", "FineTuningService"),
     }[name]

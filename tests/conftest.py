@@ -97,7 +97,7 @@ def start_server(services: Sequence[Any], **settings: Any) -> ServerThread:
 @pytest.fixture(scope="session")
 def tokenizer_server(default_model_dir: Path, small_model_dir: Path) -> Iterator[ServerThread]:
     """The tokenizer service with the default and the small model, ready."""
-    server = start_server([tokenizer_service(default_model_dir, small_model_dir, max_batch_size=64)])
+    server = start_server([tokenizer_service(default_model_dir, small_model_dir, max_inputs=64)])
     server.wait_ready()
     yield server
     server.stop()

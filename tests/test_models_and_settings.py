@@ -116,9 +116,12 @@ def test_every_setting_has_env_var_flag_default_and_help() -> None:
     )
     assert result.returncode == 0
     seen = set()
+    names = set()
     for cls in SETTINGS_CLASSES:
         for info in cls.fields():
             assert info.env.startswith("GENLOOM_") and info.env not in seen
+            assert info.name not in names, f"{info.name} is declared twice: CLI parameters would collide"
             seen.add(info.env)
+            names.add(info.name)
             assert info.help.strip(), info.name
             assert info.flag in result.stdout and info.env in result.stdout, info.env

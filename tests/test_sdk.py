@@ -116,9 +116,10 @@ def test_unreachable_server_is_unavailable_error() -> None:
 
 
 def test_deadline_is_deadline_exceeded(tokenizer_server: ServerThread) -> None:
-    with genloom.Client(target=tokenizer_server.target, timeout=0.000001) as client:
+    documents = ["many words in a long document " * 4000] * 64  # ~1.5M tokens: far more than 50 ms of work
+    with genloom.Client(target=tokenizer_server.target, timeout=0.05) as client:
         with pytest.raises(genloom.DeadlineExceededError):
-            client.tokenizer.count_tokens("x")
+            client.tokenizer.count_tokens(documents)
 
 
 def test_every_status_code_maps_to_its_own_class() -> None:

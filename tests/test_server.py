@@ -22,7 +22,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 import genloom
-from genloom.services.launch import build_services
 from genloom.services.models.registry import ModelRegistry
 from genloom.services.server.placeholder import PlaceholderService
 from genloom.services.server.process import ServerProcess
@@ -30,7 +29,7 @@ from genloom.services.server.settings import ModelSettings
 from genloom.services.tokenizer.servicer import TokenizerServicer
 from genloom.services.tokenizer.settings import TokenizerSettings
 from genloom.services.tokenizer.store import TokenizerStore, load_tokenizer
-from genloom.v1 import finetune_pb2, inference_pb2, inference_pb2_grpc, tasks_pb2, tokenizer_pb2, tokenizer_pb2_grpc
+from genloom.v1 import finetune_pb2, inference_pb2, tasks_pb2, tasks_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
 
 from .conftest import DEFAULT_MODEL, ServerThread, model_cache, start_server, tokenizer_service
 
@@ -91,8 +90,16 @@ def _until_error(stream: Any) -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def all_services_server(default_model_dir: Path) -> Iterator[ServerThread]:
-    models = ModelSettings(model=DEFAULT_MODEL, model_cache=default_model_dir.parent)
-    server = start_server(build_services("all", models, TokenizerSettings()), api_keys="key-one,key-two")
+    """The tokenizer service and the other three services' contracts (placeholders: no engine is started)."""
+    placeholders = [
+        PlaceholderService(module.DESCRIPTOR.services_by_name[name])
+        for module, name in (
+            (inference_pb2, "InferenceService"),
+            (tasks_pb2, "TaskService"),
+            (finetune_pb2, "FineTuningService"),
+        )
+    ]
+    server = start_server([tokenizer_service(default_model_dir), *placeholders], api_keys="key-one,key-two")
     server.wait_ready()
     yield server
     server.stop()
@@ -188,14 +195,14 @@ def test_api_keys_file(default_model_dir: Path, tmp_path: Path) -> None:
 
 def test_services_not_shipped_yet_answer_unimplemented(all_services_server: ServerThread) -> None:
     with grpc.insecure_channel(all_services_server.target) as channel:
-        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        stub = tasks_pb2_grpc.TaskServiceStub(channel)
         auth = (("authorization", "Bearer key-one"),)
         with pytest.raises(grpc.RpcError) as err:
-            stub.ListModels(inference_pb2.ListModelsRequest(), metadata=auth, timeout=5)
+            stub.Classify(tasks_pb2.ClassifyRequest(), metadata=auth, timeout=5)
         assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
-        assert "InferenceService.ListModels is not implemented" in err.value.details()
+        assert "TaskService.Classify is not implemented" in err.value.details()
         with pytest.raises(grpc.RpcError) as err:
-            list(stub.GenerateStream(inference_pb2.GenerateStreamRequest(), metadata=auth, timeout=5))
+            list(stub.SummarizeStream(tasks_pb2.SummarizeStreamRequest(), metadata=auth, timeout=5))
         assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 

@@ -7,6 +7,7 @@ from types import TracebackType
 from typing import Any
 
 from genloom._transport import _DEFAULT, DEFAULT_MAX_RETRIES, AsyncTransport, ClientOptions, SyncTransport
+from genloom.resources.inference import AsyncInference, Inference
 from genloom.resources.tokenizer import AsyncTokenizer, Tokenizer
 
 
@@ -67,10 +68,13 @@ class Client(_ClientBase):
 
     tokenizer: Tokenizer
     """Tokenize, detokenize, count tokens, chat templates, context windows."""
+    inference: Inference
+    """Generate (whole or streamed), score candidates, models and adapters."""
 
     def _connect(self) -> None:
         self._transport = SyncTransport(self._options)
         self.tokenizer = Tokenizer(self._transport)
+        self.inference = Inference(self._transport)
 
     def close(self) -> None:
         """Close the channel; in-flight calls are cancelled."""
@@ -93,10 +97,13 @@ class AsyncClient(_ClientBase):
 
     tokenizer: AsyncTokenizer
     """Tokenize, detokenize, count tokens, chat templates, context windows."""
+    inference: AsyncInference
+    """Generate (whole or streamed), score candidates, models and adapters."""
 
     def _connect(self) -> None:
         self._transport = AsyncTransport(self._options)
         self.tokenizer = AsyncTokenizer(self._transport)
+        self.inference = AsyncInference(self._transport)
 
     async def close(self) -> None:
         """Close the channel; in-flight calls are cancelled."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 import grpc
@@ -41,6 +41,13 @@ class Service(Protocol):
 
     async def close(self) -> None:
         """Release resources after the server stopped."""
+
+
+class HealthAware(Protocol):
+    """A service that can lose (and regain) the ability to serve after start-up, e.g. when its engine dies."""
+
+    def bind_health(self, report: Callable[[bool], Awaitable[None]]) -> None:
+        """Receive the callback to call with False (NOT_SERVING) or True (SERVING)."""
 
 
 class GenloomServer:
@@ -75,6 +82,8 @@ class GenloomServer:
         )
         for service in self.services:
             service.add_to_server(server)
+            if hasattr(service, "bind_health"):
+                service.bind_health(self._health_reporter(service.name))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         names = [svc.name for svc in self.services]
         reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
@@ -104,6 +113,20 @@ class GenloomServer:
         await self._health.set("", SERVING)
         self.ready.set()
         logger.info("ready")
+
+    def _health_reporter(self, name: str) -> Callable[[bool], Awaitable[None]]:
+        async def report(serving: bool) -> None:
+            if self._stopped:
+                return
+            status = SERVING if serving else NOT_SERVING
+            await self._health.set(name, status)
+            if not serving:
+                await self._health.set("", NOT_SERVING)
+                logger.error("%s is no longer serving", name)
+            elif self.ready.is_set():
+                await self._health.set("", SERVING)
+
+        return report
 
     async def wait_ready(self) -> None:
         """Wait until every service started; re-raises the error of a service that failed to start."""

@@ -164,7 +164,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         return await self.store.get(model)
 
     def _check_batch(self, field: str, size: int) -> None:
-        limit = self.settings.max_batch_size
+        limit = self.settings.max_inputs
         if size == 0:
             raise InvalidArgument.field(field, "must contain at least one item")
         if size > limit:

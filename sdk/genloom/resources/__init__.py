@@ -1,5 +1,6 @@
 """One module per service; each has a sync and an async resource class."""
 
+from genloom.resources.inference import AsyncInference, Inference
 from genloom.resources.tokenizer import AsyncTokenizer, Tokenizer
 
-__all__ = ["AsyncTokenizer", "Tokenizer"]
+__all__ = ["AsyncInference", "AsyncTokenizer", "Inference", "Tokenizer"]

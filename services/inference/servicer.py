@@ -1,0 +1,711 @@
+"""InferenceService: validates requests, renders prompts, checks the context window, and translates between
+protobuf and the engine protocol. Text (detokenization, stop sequences) is assembled here, the same for every
+engine."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from genloom.services.inference.adapters import AdapterSpec, inspect_adapter
+from genloom.services.inference.engine import (
+    AdapterError,
+    Engine,
+    EngineDeadError,
+    EngineError,
+    EngineOutput,
+    EngineRequest,
+    FinishReason,
+    SamplingOptions,
+    ScoreQuery,
+)
+from genloom.services.inference.settings import InferenceSettings
+from genloom.services.inference.text import TextAssembler
+from genloom.services.models.registry import ModelRegistry, ModelSpec
+from genloom.services.server.errors import (
+    AlreadyExists,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+from genloom.services.server.settings import ModelSettings
+from genloom.services.tokenizer.store import LoadedTokenizer, load_tokenizer
+from genloom.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+MAX_STOP_TOKEN_IDS = 64
+MAX_STOP_LENGTH = 256
+HEALTH_INTERVAL_S = 5.0
+ROLE_NAMES = {common_pb2.ROLE_SYSTEM: "system", common_pb2.ROLE_USER: "user", common_pb2.ROLE_ASSISTANT: "assistant"}
+FINISH_TO_PB = {
+    FinishReason.LENGTH: inference_pb2.FINISH_REASON_LENGTH,
+    FinishReason.EOS: inference_pb2.FINISH_REASON_EOS,
+    FinishReason.STOP_TOKEN: inference_pb2.FINISH_REASON_STOP_TOKEN,
+    FinishReason.ABORT: inference_pb2.FINISH_REASON_ABORT,
+}
+ENGINE_TO_PB = {"vllm": inference_pb2.ENGINE_VLLM, "hf": inference_pb2.ENGINE_HF, "openai": inference_pb2.ENGINE_OPENAI}
+
+EngineFactory = Callable[[ModelSpec, InferenceSettings, int], Engine]
+
+
+def create_engine(spec: ModelSpec, settings: InferenceSettings, max_model_len: int) -> Engine:
+    """The engine GENLOOM_ENGINE names (auto: vllm when importable, else hf)."""
+    import importlib.util
+
+    kind = settings.engine
+    if kind == "auto":
+        kind = "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+    if kind == "vllm":
+        from genloom.services.inference.engines.vllm import VLLMEngine
+
+        return VLLMEngine(spec.path, spec.name, settings, max_model_len)
+    if kind == "hf":
+        from genloom.services.inference.engines.hf import HFEngine
+
+        return HFEngine(spec.path, spec.name, settings, max_model_len)
+    from genloom.services.inference.engines.openai import OpenAIEngine
+
+    return OpenAIEngine(spec.path, spec.name, settings, max_model_len)
+
+
+@dataclass
+class LoadedAdapter:
+    name: str
+    spec: AdapterSpec
+    loaded_at: datetime
+
+
+@dataclass
+class PreparedPrompt:
+    token_ids: list[int]
+    report: inference_pb2.TruncationReport
+
+
+@dataclass
+class Generation:
+    """A validated generation, ready for the engine."""
+
+    request_id: str
+    engine_request: EngineRequest
+    assembler: TextAssembler
+    prompt: PreparedPrompt
+    model: common_pb2.ModelRef
+    received: float
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
+    name = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+
+    def __init__(
+        self,
+        models: ModelSettings,
+        settings: InferenceSettings | None = None,
+        engine_factory: EngineFactory = create_engine,
+        engine: Engine | None = None,
+    ) -> None:
+        """`engine`: an already started engine to serve instead of creating one (it is then not shut down by
+        close(): its owner does that)."""
+        self.models = models
+        self.settings = settings or InferenceSettings()
+        self._registry = ModelRegistry(models)
+        self._engine_factory = engine_factory
+        self._given_engine = engine
+        self.engine: Engine | None = None
+        self.tokenizer: LoadedTokenizer | None = None
+        self.model_name = models.model
+        self._hidden_size = 0
+        self._adapters: dict[str, LoadedAdapter] = {}
+        self._adapter_lock = asyncio.Lock()
+        self._in_flight: set[str] = set()
+        self._report_health: Callable[[bool], Awaitable[None]] | None = None
+        self._monitor: asyncio.Task[None] | None = None
+        self._dead = False
+
+    # -- Service protocol ---------------------------------------------------------------------------------------
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(self, server)
+
+    def bind_health(self, report: Callable[[bool], Awaitable[None]]) -> None:
+        self._report_health = report
+
+    async def start(self) -> None:
+        spec = await asyncio.to_thread(self._registry.resolve, self.models.model)
+        self.model_name = spec.name
+        self.tokenizer = await asyncio.to_thread(load_tokenizer, spec, self.models.max_model_len)
+        self._hidden_size = _hidden_size(spec.path)
+        engine = self._given_engine
+        if engine is None:
+            engine = self._engine_factory(spec, self.settings, self.tokenizer.context_window)
+            await engine.start()
+        self.engine = engine
+        self._monitor = asyncio.create_task(self._watch_engine(), name="genloom-engine-health")
+        logger.info("inference engine %s ready for %s", engine.info().engine, spec.name)
+
+    async def close(self) -> None:
+        if self._monitor is not None:
+            self._monitor.cancel()
+        if self.engine is not None and self._given_engine is None:
+            await self.engine.shutdown()
+
+    async def _watch_engine(self) -> None:
+        while True:
+            await asyncio.sleep(HEALTH_INTERVAL_S)
+            with contextlib.suppress(EngineDeadError):
+                assert self.engine is not None
+                await self.engine.check_health()
+                continue
+            await self._engine_died()
+            return
+
+    async def _engine_died(self) -> None:
+        if self._dead:
+            return
+        self._dead = True
+        logger.error("the inference engine died; this server answers UNAVAILABLE until restarted")
+        if self._report_health is not None:
+            await self._report_health(False)
+
+    # -- RPCs -----------------------------------------------------------------------------------------------------
+
+    async def Generate(
+        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.GenerateResponse:
+        generation = self._prepare(request)
+        response = inference_pb2.GenerateResponse(request_id=generation.request_id, model=generation.model)
+        async for event in self._run(generation):
+            if isinstance(event, inference_pb2.GenerateDelta):
+                response.token_ids.extend(event.token_ids)
+                response.logprobs.extend(event.logprobs)
+            else:
+                response.text = generation.assembler.text
+                response.finish_reason = event.finish_reason
+                response.stop_sequence = event.stop_sequence
+                if event.HasField("stop_token_id"):
+                    response.stop_token_id = event.stop_token_id
+                response.usage.CopyFrom(event.usage)
+                response.truncation.CopyFrom(event.truncation)
+                response.timing.CopyFrom(event.timing)
+        return response
+
+    async def GenerateStream(
+        self, request: inference_pb2.GenerateStreamRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
+        generation = self._prepare(request)
+        async for event in self._run(generation):
+            if isinstance(event, inference_pb2.GenerateDelta):
+                yield inference_pb2.GenerateStreamResponse(request_id=generation.request_id, delta=event)
+            else:
+                yield inference_pb2.GenerateStreamResponse(request_id=generation.request_id, finish=event)
+
+    async def Score(
+        self, request: inference_pb2.ScoreRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.ScoreResponse:
+        engine, tok = self._ready()
+        model = self._model_ref(request.model)
+        s = self.settings
+        if not request.items:
+            raise InvalidArgument.field("items", "must contain at least one item")
+        if len(request.items) > s.score_max_items:
+            raise InvalidArgument.field(
+                "items", f"has {len(request.items)} items; the limit is {s.score_max_items} (GENLOOM_SCORE_MAX_ITEMS)"
+            )
+        total = sum(len(item.candidates) for item in request.items)
+        if total > s.score_max_candidates:
+            raise InvalidArgument.field(
+                "items",
+                f"has {total} candidates in all; the limit is {s.score_max_candidates} (GENLOOM_SCORE_MAX_CANDIDATES)",
+            )
+        add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
+        queries: list[ScoreQuery] = []
+        prompts: list[PreparedPrompt] = []
+        candidate_ids: list[list[list[int]]] = []
+        for i, item in enumerate(request.items):
+            field = f"items[{i}]"
+            if not item.candidates:
+                raise InvalidArgument.field(f"{field}.candidates", "must contain at least one candidate")
+            empty = [j for j, c in enumerate(item.candidates) if not c]
+            if empty:
+                raise InvalidArgument.field(f"{field}.candidates[{empty[0]}]", "candidates must not be empty")
+            encoded = [enc.ids for enc in tok.encode(list(item.candidates), False)]
+            longest = max(len(ids) for ids in encoded)
+            prompt = self._prompt(
+                item.prompt, f"{field}.prompt", add_special, request.truncation, reserve=longest, for_score=True
+            )
+            prompts.append(prompt)
+            candidate_ids.append(encoded)
+            queries.append(ScoreQuery(prompt.token_ids, encoded, adapter=model.adapter or None))
+        try:
+            scores = await engine.score(queries)
+        except EngineDeadError:
+            await self._engine_died()
+            raise Unavailable("the inference engine is not available") from None
+        except EngineError as err:
+            raise InvalidArgument(str(err)) from None
+        response = inference_pb2.ScoreResponse(model=model)
+        prefilled = 0
+        for prompt, ids_per_candidate, item_scores in zip(prompts, candidate_ids, scores, strict=True):
+            result = response.results.add(prompt_tokens=len(prompt.token_ids), truncation=prompt.report)
+            for ids, logprobs in zip(ids_per_candidate, item_scores, strict=True):
+                total_lp = float(sum(logprobs))
+                candidate = result.candidates.add(
+                    sum_logprob=total_lp, mean_logprob=total_lp / len(ids), token_count=len(ids), token_ids=ids
+                )
+                if request.return_token_logprobs:
+                    candidate.token_logprobs.extend(logprobs)
+                prefilled += len(prompt.token_ids) + len(ids)
+        response.usage.CopyFrom(common_pb2.Usage(prompt_tokens=prefilled, total_tokens=prefilled))
+        return response
+
+    async def Abort(
+        self, request: inference_pb2.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.AbortResponse:
+        engine, _ = self._ready()
+        if not request.request_id:
+            raise InvalidArgument.field("request_id", "is required")
+        if request.request_id not in self._in_flight:
+            return inference_pb2.AbortResponse(aborted=False)
+        return inference_pb2.AbortResponse(aborted=await engine.abort(request.request_id))
+
+    async def ListModels(
+        self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.ListModelsResponse:
+        engine, tok = self._ready()
+        info = engine.info()
+        return inference_pb2.ListModelsResponse(
+            models=[
+                inference_pb2.ModelSummary(
+                    name=self.model_name,
+                    is_default=True,
+                    kind=inference_pb2.MODEL_KIND_BASE,
+                    context_window=tok.context_window,
+                    engine=ENGINE_TO_PB.get(info.engine, inference_pb2.ENGINE_UNSPECIFIED),
+                    ready=not self._dead,
+                )
+            ]
+        )
+
+    async def GetModelInfo(
+        self, request: inference_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.GetModelInfoResponse:
+        engine, tok = self._ready()
+        self._check_model(request.model, "model")
+        info = engine.info()
+        running, waiting = engine.load()
+        s = self.settings
+        return inference_pb2.GetModelInfoResponse(
+            name=self.model_name,
+            is_default=True,
+            kind=inference_pb2.MODEL_KIND_BASE,
+            source=info.source,
+            engine=ENGINE_TO_PB.get(info.engine, inference_pb2.ENGINE_UNSPECIFIED),
+            engine_version=info.engine_version,
+            dtype=info.dtype,
+            device=info.device,
+            context_window=tok.context_window,
+            vocab_size=tok.vocab_size,
+            has_chat_template=bool(tok.chat_template),
+            supports_lora=info.supports_lora,
+            max_lora_rank=info.max_lora_rank if info.supports_lora else 0,
+            max_loras=info.max_loras if info.supports_lora else 0,
+            adapters=[self._adapter_pb(a) for a in self._adapters.values()],
+            default_max_new_tokens=s.default_max_new_tokens,
+            max_logprobs=s.max_logprobs,
+            max_stop_sequences=s.max_stop_sequences,
+            max_score_candidates=s.score_max_candidates,
+            max_queued_requests=s.max_queued_requests,
+            running_requests=running,
+            waiting_requests=waiting,
+            ready=not self._dead,
+        )
+
+    async def LoadAdapter(
+        self, request: inference_pb2.LoadAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.LoadAdapterResponse:
+        engine, _ = self._ready()
+        name = request.name
+        if not REQUEST_ID.match(name) or ":" in name:
+            raise InvalidArgument.field(
+                "name", "1 to 128 characters from [A-Za-z0-9._-] (':' is reserved for fine-tuned models)"
+            )
+        if not request.path:
+            raise InvalidArgument.field("path", "is required: a PEFT LoRA adapter directory on the server")
+        if request.base_model:
+            self._check_model(request.base_model, "base_model")
+        if not engine.info().supports_lora:
+            raise InvalidArgument("this server's engine does not serve LoRA adapters (GENLOOM_ENABLE_LORA)")
+        async with self._adapter_lock:
+            if name in self._adapters and not request.replace:
+                raise AlreadyExists(f"adapter {name!r} is already loaded; set replace to swap it")
+            try:
+                spec = await asyncio.to_thread(
+                    inspect_adapter,
+                    request.path,
+                    hidden_size=self._hidden_size,
+                    max_rank=engine.info().max_lora_rank,
+                )
+                if name in self._adapters:
+                    await engine.remove_adapter(name)
+                    del self._adapters[name]
+                await engine.add_adapter(name, str(spec.path))
+            except AdapterError as err:
+                raise InvalidArgument(str(err), [FieldViolation("path", str(err))]) from None
+            except EngineDeadError:
+                await self._engine_died()
+                raise Unavailable("the inference engine is not available") from None
+            loaded = LoadedAdapter(name, spec, datetime.now(timezone.utc))
+            self._adapters[name] = loaded
+        logger.info("adapter %s loaded from %s (rank %d)", name, spec.path, spec.rank)
+        return inference_pb2.LoadAdapterResponse(adapter=self._adapter_pb(loaded))
+
+    async def UnloadAdapter(
+        self, request: inference_pb2.UnloadAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.UnloadAdapterResponse:
+        engine, _ = self._ready()
+        async with self._adapter_lock:
+            loaded = self._adapters.get(request.name)
+            if loaded is None:
+                raise NotFound(f"no adapter named {request.name!r} is loaded")
+            await engine.remove_adapter(request.name)
+            del self._adapters[request.name]
+        pb = self._adapter_pb(loaded)
+        pb.loaded = False
+        return inference_pb2.UnloadAdapterResponse(adapter=pb)
+
+    async def ListAdapters(
+        self, request: inference_pb2.ListAdaptersRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.ListAdaptersResponse:
+        self._ready()
+        if request.base_model:
+            self._check_model(request.base_model, "base_model")
+        return inference_pb2.ListAdaptersResponse(adapters=[self._adapter_pb(a) for a in self._adapters.values()])
+
+    # -- generation -----------------------------------------------------------------------------------------------
+
+    def _prepare(self, request: Any) -> Generation:
+        """Validate a Generate/GenerateStream request and turn it into an engine request."""
+        received = time.monotonic()
+        engine, tok = self._ready()
+        model = self._model_ref(request.model)
+        request_id = request.request_id or uuid.uuid4().hex
+        if not REQUEST_ID.match(request_id):
+            raise InvalidArgument.field("request_id", "1 to 128 characters from [A-Za-z0-9._:-]")
+        if request_id in self._in_flight:
+            raise AlreadyExists(f"request {request_id!r} is already in flight")
+        sampling, stop, skip_special = self._sampling(request.sampling, tok)
+        add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
+        prompt = self._prompt(
+            request.prompt, "prompt", add_special, request.truncation, reserve=sampling.max_new_tokens
+        )
+        _, waiting = engine.load()
+        if waiting >= self.settings.max_queued_requests:
+            raise ResourceExhausted(
+                f"{waiting} requests are waiting for the engine (limit {self.settings.max_queued_requests}); "
+                "retry later",
+                retry_after=1.0,
+            )
+        assembler = TextAssembler(
+            tok.hf, stop, skip_special_tokens=skip_special, min_new_tokens=sampling.min_new_tokens
+        )
+        engine_request = EngineRequest(request_id, prompt.token_ids, sampling, adapter=model.adapter or None)
+        return Generation(request_id, engine_request, assembler, prompt, model, received)
+
+    async def _run(self, g: Generation) -> AsyncIterator[inference_pb2.GenerateDelta | inference_pb2.GenerateFinish]:
+        """Drive one generation: deltas as text becomes final, then the finish. Cancelling the caller (client
+        cancel, deadline) closes the engine stream, which aborts the request in the engine."""
+        engine, tok = self._ready()
+        self._in_flight.add(g.request_id)
+        first_token_at: float | None = None
+        offset = 0
+        last: EngineOutput | None = None
+        stream = engine.generate(g.engine_request)
+        try:
+            async for output in stream:
+                if first_token_at is None and output.token_ids:
+                    first_token_at = time.monotonic()
+                text = g.assembler.push(output.token_ids)
+                delta = inference_pb2.GenerateDelta(token_ids=output.token_ids, text=text, token_offset=offset)
+                if g.engine_request.sampling.logprobs is not None:
+                    delta.logprobs.extend(_logprobs_pb(output, tok))
+                offset += len(output.token_ids)
+                if output.token_ids or text:
+                    yield delta
+                last = output
+                if output.finish_reason is not None or g.assembler.stop_sequence is not None:
+                    break
+        except EngineDeadError:
+            await self._engine_died()
+            raise Unavailable("the inference engine died while generating") from None
+        except AdapterError as err:
+            raise NotFound(str(err)) from None
+        except EngineError as err:
+            raise InvalidArgument(str(err)) from None
+        finally:
+            await stream.aclose()  # aborts the request in the engine if it is still running
+            self._in_flight.discard(g.request_id)
+        tail = g.assembler.finish()
+        if tail:
+            yield inference_pb2.GenerateDelta(text=tail, token_offset=offset)
+        finished = time.monotonic()
+        finish = inference_pb2.GenerateFinish(
+            model=g.model,
+            usage=common_pb2.Usage(
+                prompt_tokens=len(g.prompt.token_ids),
+                completion_tokens=offset,
+                total_tokens=len(g.prompt.token_ids) + offset,
+            ),
+            truncation=g.prompt.report,
+            timing=inference_pb2.GenerationTiming(
+                time_to_first_token_s=(first_token_at or finished) - g.received,
+                total_s=finished - g.received,
+            ),
+        )
+        if g.assembler.stop_sequence is not None:
+            finish.finish_reason = inference_pb2.FINISH_REASON_STOP_SEQUENCE
+            finish.stop_sequence = g.assembler.stop_sequence
+        elif last is not None and last.finish_reason is not None:
+            finish.finish_reason = FINISH_TO_PB[last.finish_reason]
+            if last.finish_reason is FinishReason.STOP_TOKEN and last.stop_token_id is not None:
+                finish.stop_token_id = last.stop_token_id
+        else:
+            finish.finish_reason = inference_pb2.FINISH_REASON_ABORT
+        yield finish
+
+    # -- validation helpers ---------------------------------------------------------------------------------------
+
+    def _ready(self) -> tuple[Engine, LoadedTokenizer]:
+        if self.engine is None or self.tokenizer is None:
+            raise Unavailable("the inference engine is still starting; retry shortly")
+        if self._dead:
+            raise Unavailable("the inference engine is not available (it failed); the server needs a restart")
+        return self.engine, self.tokenizer
+
+    def _check_model(self, name: str, field: str) -> None:
+        if name and name != self.model_name:
+            raise NotFound(f"{field}: model {name!r} is not served here; this server serves {self.model_name!r}")
+
+    def _model_ref(self, ref: common_pb2.ModelRef) -> common_pb2.ModelRef:
+        self._check_model(ref.model, "model.model")
+        if ref.adapter and ref.adapter not in self._adapters:
+            raise NotFound(f"model.adapter: no adapter named {ref.adapter!r} is loaded (see ListAdapters)")
+        return common_pb2.ModelRef(model=self.model_name, adapter=ref.adapter)
+
+    def _sampling(
+        self, params: inference_pb2.SamplingParams, tok: LoadedTokenizer
+    ) -> tuple[SamplingOptions, list[str], bool]:
+        s = self.settings
+        bad: list[FieldViolation] = []
+
+        def check(ok: bool, field: str, description: str) -> None:
+            if not ok:
+                bad.append(FieldViolation(f"sampling.{field}", description))
+
+        max_new = params.max_new_tokens or s.default_max_new_tokens
+        temperature = params.temperature if params.HasField("temperature") else 1.0
+        check(0.0 <= temperature <= 2.0, "temperature", f"{temperature:g} is outside 0.0 to 2.0")
+        check(params.top_k <= tok.vocab_size, "top_k", f"{params.top_k} is over the vocabulary size {tok.vocab_size}")
+        top_p = params.top_p or 1.0
+        check(0.0 < top_p <= 1.0, "top_p", f"{top_p:g} is outside (0, 1]")
+        penalty = params.repetition_penalty or 1.0
+        check(0.0 < penalty <= 2.0, "repetition_penalty", f"{penalty:g} is outside (0, 2]")
+        check(
+            len(params.stop) <= s.max_stop_sequences,
+            "stop",
+            f"{len(params.stop)} stop sequences; the limit is {s.max_stop_sequences}",
+        )
+        for i, sequence in enumerate(params.stop):
+            check(0 < len(sequence) <= MAX_STOP_LENGTH, f"stop[{i}]", f"must be 1 to {MAX_STOP_LENGTH} characters")
+        check(
+            len(params.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
+            "stop_token_ids",
+            f"{len(params.stop_token_ids)} ids; the limit is {MAX_STOP_TOKEN_IDS}",
+        )
+        for i, token in enumerate(params.stop_token_ids):
+            check(
+                token < tok.vocab_size,
+                f"stop_token_ids[{i}]",
+                f"token id {token} is outside the vocabulary (size {tok.vocab_size})",
+            )
+        logprobs = params.logprobs if params.HasField("logprobs") else None
+        if logprobs is not None:
+            check(logprobs <= s.max_logprobs, "logprobs", f"{logprobs} is over the limit of {s.max_logprobs}")
+        check(
+            params.min_new_tokens <= max_new,
+            "min_new_tokens",
+            f"{params.min_new_tokens} is more than max_new_tokens ({max_new})",
+        )
+        if bad:
+            raise InvalidArgument("; ".join(f"{v.field}: {v.description}" for v in bad), bad)
+        options = SamplingOptions(
+            max_new_tokens=max_new,
+            temperature=temperature,
+            top_k=params.top_k,
+            top_p=top_p,
+            repetition_penalty=penalty,
+            stop_token_ids=tuple(params.stop_token_ids),
+            seed=params.seed if params.HasField("seed") else None,
+            logprobs=logprobs,
+            min_new_tokens=params.min_new_tokens,
+            ignore_eos=params.ignore_eos,
+        )
+        skip_special = params.skip_special_tokens if params.HasField("skip_special_tokens") else True
+        return options, list(params.stop), skip_special
+
+    def _prompt(
+        self,
+        prompt: inference_pb2.Prompt,
+        field: str,
+        add_special_tokens: bool,
+        truncation: int,
+        *,
+        reserve: int,
+        for_score: bool = False,
+    ) -> PreparedPrompt:
+        """Prompt -> ids that fit the context window with `reserve` tokens to spare (or a clear error)."""
+        _, tok = self._ready()
+        window = tok.context_window
+        kind = prompt.WhichOneof("prompt")
+        removed_messages = 0
+        original = 0
+        if kind == "text":
+            if not prompt.text:
+                raise InvalidArgument.field(f"{field}.text", "must not be empty")
+            ids = tok.encode([prompt.text], add_special_tokens)[0].ids
+        elif kind == "token_ids":
+            ids = list(prompt.token_ids.ids)
+            if not ids:
+                raise InvalidArgument.field(f"{field}.token_ids", "must contain at least one id")
+            bad = [i for i, t in enumerate(ids) if t >= tok.vocab_size]
+            if bad:
+                raise InvalidArgument.field(
+                    f"{field}.token_ids.ids[{bad[0]}]",
+                    f"token id {ids[bad[0]]} is outside the vocabulary (size {tok.vocab_size})",
+                )
+        elif kind == "conversation":
+            messages = _messages(prompt.conversation, f"{field}.conversation")
+            ids, removed_messages, original = self._fit_conversation(messages, field, truncation, window - reserve)
+        else:
+            raise InvalidArgument.field(field, "set text, conversation or token_ids")
+        report = inference_pb2.TruncationReport(
+            context_window=window, max_new_tokens=0 if for_score else reserve, original_prompt_tokens=len(ids)
+        )
+        if removed_messages:
+            report.truncated = True
+            report.side = common_pb2.TRUNCATION_SIDE_LEFT
+            report.removed_messages = removed_messages
+            report.original_prompt_tokens = original
+        if len(ids) + reserve > window:
+            what = "candidate tokens" if for_score else "max_new_tokens"
+            if truncation == common_pb2.TRUNCATION_SIDE_UNSPECIFIED or kind == "conversation":
+                raise InvalidArgument(
+                    f"{field}: {len(ids)} prompt tokens + {reserve} {what} = {len(ids) + reserve}, over the model's "
+                    f"context window of {window} tokens; shorten the prompt, lower {what}, or set truncation",
+                    [FieldViolation(field, f"{len(ids)} + {reserve} > {window} tokens")],
+                )
+            keep = window - reserve
+            if keep < 1:
+                raise InvalidArgument.field(
+                    "sampling.max_new_tokens" if not for_score else field,
+                    f"{reserve} leaves no room for a prompt in {window} tokens",
+                )
+            report.truncated = True
+            report.side = truncation
+            report.original_prompt_tokens = len(ids)
+            ids = ids[-keep:] if truncation == common_pb2.TRUNCATION_SIDE_LEFT else ids[:keep]
+        report.prompt_tokens = len(ids)
+        report.removed_tokens = report.original_prompt_tokens - len(ids)
+        return PreparedPrompt(ids, report)
+
+    def _fit_conversation(
+        self, messages: list[dict[str, str]], field: str, truncation: int, budget: int
+    ) -> tuple[list[int], int, int]:
+        """Render a conversation; with LEFT truncation drop the oldest non-system messages until it fits.
+        Returns (ids, messages removed, tokens before removal)."""
+        assert self.tokenizer is not None
+        tok = self.tokenizer
+
+        def render(msgs: list[dict[str, str]]) -> list[int]:
+            return list(tok.encode([tok.render_chat(msgs, True)], False)[0].ids)
+
+        ids = render(messages)
+        original = len(ids)
+        if len(ids) <= budget or truncation == common_pb2.TRUNCATION_SIDE_UNSPECIFIED:
+            return ids, 0, original
+        if truncation == common_pb2.TRUNCATION_SIDE_RIGHT:
+            raise InvalidArgument.field("truncation", "RIGHT truncation is not allowed for conversations: use LEFT")
+        system = 0
+        while system < len(messages) and messages[system]["role"] == "system":
+            system += 1
+        removed = 0
+        kept = list(messages)
+        while len(ids) > budget and len(kept) - system > 1:
+            del kept[system]
+            removed += 1
+            ids = render(kept)
+        if len(ids) > budget:
+            raise InvalidArgument.field(
+                f"{field}.conversation", f"the last message alone needs {len(ids)} tokens; only {budget} are available"
+            )
+        return ids, removed, original
+
+    def _adapter_pb(self, adapter: LoadedAdapter) -> inference_pb2.AdapterInfo:
+        pb = inference_pb2.AdapterInfo(
+            name=adapter.name,
+            path=str(adapter.spec.path),
+            base_model=self.model_name,
+            rank=adapter.spec.rank,
+            alpha=adapter.spec.alpha,
+            target_modules=adapter.spec.target_modules,
+            source=inference_pb2.ADAPTER_SOURCE_LOADED,
+            loaded=True,
+        )
+        pb.loaded_at.FromDatetime(adapter.loaded_at)
+        return pb
+
+
+def _messages(conversation: common_pb2.Conversation, field: str) -> list[dict[str, str]]:
+    if not conversation.messages:
+        raise InvalidArgument.field(f"{field}.messages", "a conversation needs at least one message")
+    bad = [
+        FieldViolation(f"{field}.messages[{j}].role", "role must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT")
+        for j, m in enumerate(conversation.messages)
+        if m.role not in ROLE_NAMES
+    ]
+    if bad:
+        raise InvalidArgument("; ".join(f"{v.field}: {v.description}" for v in bad), bad)
+    return [{"role": ROLE_NAMES[m.role], "content": m.content} for m in conversation.messages]
+
+
+def _logprobs_pb(output: EngineOutput, tok: LoadedTokenizer) -> list[inference_pb2.TokenLogprob]:
+    result = []
+    for lp in output.logprobs:
+        entry = inference_pb2.TokenLogprob(
+            token_id=lp.token_id, token=tok.hf.convert_ids_to_tokens(lp.token_id) or "", logprob=lp.logprob
+        )
+        for token_id, value in lp.top:
+            entry.top_logprobs.add(token_id=token_id, token=tok.hf.convert_ids_to_tokens(token_id) or "", logprob=value)
+        result.append(entry)
+    return result
+
+
+def _hidden_size(model_dir: Path) -> int:
+    import json
+
+    config = json.loads((model_dir / "config.json").read_text())
+    config = config.get("text_config", config)
+    return int(config.get("hidden_size") or config.get("n_embd") or 0)
