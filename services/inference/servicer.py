@@ -5,7 +5,6 @@ engine."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import time
@@ -164,20 +163,27 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             await self.engine.shutdown()
 
     async def _watch_engine(self) -> None:
+        """Poll the engine's health: a dead engine flips health to NOT_SERVING; one that recovers (a remote
+        server that came back) flips it back."""
+        assert self.engine is not None
         while True:
             await asyncio.sleep(HEALTH_INTERVAL_S)
-            with contextlib.suppress(EngineDeadError):
-                assert self.engine is not None
+            try:
                 await self.engine.check_health()
+            except EngineDeadError:
+                await self._engine_died()
                 continue
-            await self._engine_died()
-            return
+            if self._dead:
+                self._dead = False
+                logger.info("the inference engine is healthy again")
+                if self._report_health is not None:
+                    await self._report_health(True)
 
     async def _engine_died(self) -> None:
         if self._dead:
             return
         self._dead = True
-        logger.error("the inference engine died; this server answers UNAVAILABLE until restarted")
+        logger.error("the inference engine is not healthy; answering UNAVAILABLE until it is")
         if self._report_health is not None:
             await self._report_health(False)
 
@@ -492,7 +498,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         if self.engine is None or self.tokenizer is None:
             raise Unavailable("the inference engine is still starting; retry shortly")
         if self._dead:
-            raise Unavailable("the inference engine is not available (it failed); the server needs a restart")
+            raise Unavailable("the inference engine is not available; retry later (health says NOT_SERVING)")
         return self.engine, self.tokenizer
 
     def _check_model(self, name: str, field: str) -> None:

