@@ -19,7 +19,8 @@ CHAT = [
 
 
 def main() -> int:
-    print("starting `genloom serve all` on the default model (the first run converts it; that takes ~30 s)...")
+    print("starting `genloom serve all` on the default model (the model is converted on the first run, and the")
+    print("inference engine loads and warms up: allow a minute)...")
     server = ServerProcess("all", ["--metrics-port", "-1"])
     with server:
         print(f"serving on {server.target}\n")
@@ -48,6 +49,29 @@ def main() -> int:
                 client.tokenizer.count_tokens(SENTENCE, model="no-such-model")
             except genloom.NotFoundError as err:
                 print(f"\nan unknown model is a typed error: {type(err).__name__}: {err.message}")
+
+            model = client.inference.model_info()
+            print(f"\ninference: {model.name} on the {model.engine} engine ({model.dtype}, {model.device})")
+            question = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+            answer = client.inference.generate(question, max_new_tokens=32, temperature=0)
+            print(f"  generate: {answer.text.strip()!r}")
+            print(
+                f"    ({answer.finish_reason}; {answer.usage.prompt_tokens} prompt + "
+                f"{answer.usage.completion_tokens} generated tokens in {answer.timing.total:.2f}s)"
+            )
+            print("  stream:   ", end="", flush=True)
+            with client.inference.stream(
+                [{"role": "user", "content": "Name three colours."}], max_new_tokens=32, temperature=0
+            ) as stream:
+                for delta in stream:
+                    print(delta.text.replace("\n", " "), end="", flush=True)
+            print()
+            scores = client.inference.score([("The capital of France is", [" Paris", " Berlin", " banana"])])
+            ranked = sorted(
+                zip(scores.results[0].candidates, (" Paris", " Berlin", " banana"), strict=True),
+                key=lambda pair: -pair[0].sum_logprob,
+            )
+            print("  score:    " + ", ".join(f"{text.strip()} {c.sum_logprob:.2f}" for c, text in ranked))
         print("\nstopping the server (SIGTERM)...")
     code = server.stop()
     print(f"server exited with code {code}")

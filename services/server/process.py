@@ -84,11 +84,17 @@ class ServerProcess:
 
     def wait_serving(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while self.health() != health_pb2.HealthCheckResponse.SERVING:
+        while not self._serving():
             assert self.process is not None
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("genloom serve never became ready:\n" + "".join(self.log[-30:]))
             time.sleep(0.2)
+
+    def _serving(self) -> bool:
+        try:
+            return self.health() == health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError:  # a busy machine may answer slowly while models load: ask again
+            return False
 
     def terminate(self) -> None:
         """Send SIGTERM (graceful shutdown) without waiting."""

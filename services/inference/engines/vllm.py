@@ -126,7 +126,9 @@ class VLLMEngine(Engine):
         )
         logger.info("starting vLLM %s on %s for %s", vllm.__version__, "cpu" if on_cpu else "gpu", self.model_dir)
         try:
-            self._llm = AsyncLLM.from_engine_args(args)
+            # Building the engine blocks for ~20 s (weights, worker processes): keep the event loop, and with it
+            # health checks and other services, responsive meanwhile.
+            self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         except Exception as err:
             raise EngineDeadError(f"vLLM could not start on {self.model_dir}: {err}") from err
         self._info = self._make_info(on_cpu)
