@@ -383,3 +383,80 @@ async def test_backpressure_refuses_with_retry_info(default_model_dir: Path) -> 
     finally:
         await server.stop(1.0)
         await engine.shutdown()
+
+
+async def test_score_agrees_between_engines(hf_engine: Engine, vllm_engine: Engine, default_model_dir: Path) -> None:
+    from genloom.services.inference.engine import ScoreQuery
+
+    engines = [hf_engine, vllm_engine]
+    tokenizer = AutoTokenizer.from_pretrained(str(default_model_dir))
+    prompt = tokenizer("Review: the film was wonderful. Sentiment:")["input_ids"]
+    candidates = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in (" positive", " negative", " meh")]
+    hf_scores, vllm_scores = [await engine.score([ScoreQuery(prompt, candidates)]) for engine in engines]
+    for hf_candidate, vllm_candidate in zip(hf_scores[0], vllm_scores[0], strict=True):
+        assert hf_candidate == pytest.approx(vllm_candidate, abs=1e-3)
+
+
+async def test_dead_engine_flips_health_and_answers_unavailable(default_model_dir: Path) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from genloom.services.inference.engines.hf import HFEngine
+
+    engine = HFEngine(default_model_dir, DEFAULT_MODEL, InferenceSettings(engine="hf"))
+    await engine.start()
+    models = ModelSettings(model=DEFAULT_MODEL, model_cache=default_model_dir.parent)
+    server = GenloomServer(ServerSettings(port=0), [InferenceServicer(models, InferenceSettings(), engine=engine)])
+    await server.start()
+    await server.wait_ready()
+    target = f"127.0.0.1:{server.port}"
+
+    async def health() -> int:
+        async with grpc.aio.insecure_channel(target) as channel:
+            response = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            return int(response.status)
+
+    def device_failure() -> None:  # what a lost GPU looks like to the step thread; cannot happen for real here
+        raise RuntimeError("simulated device failure")
+
+    try:
+        assert await health() == health_pb2.HealthCheckResponse.SERVING
+        engine._decode = device_failure  # type: ignore[method-assign]
+        async with genloom.AsyncClient(target=target, max_retries=0, timeout=20) as client:
+            with pytest.raises(genloom.UnavailableError):
+                await client.inference.generate(QUESTION, max_new_tokens=8)
+            assert await health() == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(genloom.UnavailableError):  # at once, not a hang
+                await client.inference.generate(QUESTION, max_new_tokens=8, timeout=5)
+    finally:
+        await server.stop(1.0)
+        await engine.shutdown()
+
+
+async def test_cli_generate(service: dict[str, Any]) -> None:
+    import os
+    import sys
+
+    if service["kind"] != "hf":
+        pytest.skip("one engine is enough for the CLI")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "genloom.cli",
+        "--target",
+        f"127.0.0.1:{service['port']}",
+        "generate",
+        "What is the capital of France?",
+        "--max-new-tokens",
+        "16",
+        "--stream",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "GENLOOM_API_KEY": ""},
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, err.decode()
+    unary = await service["client"].inference.generate(
+        [{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=16, temperature=0
+    )
+    assert out.decode().strip() == unary.text.strip()
+    assert "generated tokens" in err.decode()
