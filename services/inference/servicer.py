@@ -32,6 +32,7 @@ from genloom.services.inference.engine import (
 from genloom.services.inference.settings import InferenceSettings
 from genloom.services.inference.text import TextAssembler
 from genloom.services.models.registry import ModelRegistry, ModelSpec
+from genloom.services.server.conversation import conversation_messages
 from genloom.services.server.errors import (
     AlreadyExists,
     FieldViolation,
@@ -50,7 +51,6 @@ REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 MAX_STOP_TOKEN_IDS = 64
 MAX_STOP_LENGTH = 256
 HEALTH_INTERVAL_S = 5.0
-ROLE_NAMES = {common_pb2.ROLE_SYSTEM: "system", common_pb2.ROLE_USER: "user", common_pb2.ROLE_ASSISTANT: "assistant"}
 FINISH_TO_PB = {
     FinishReason.LENGTH: inference_pb2.FINISH_REASON_LENGTH,
     FinishReason.EOS: inference_pb2.FINISH_REASON_EOS,
@@ -559,8 +559,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             "min_new_tokens",
             f"{params.min_new_tokens} is more than max_new_tokens ({max_new})",
         )
-        if bad:
-            raise InvalidArgument("; ".join(f"{v.field}: {v.description}" for v in bad), bad)
+        InvalidArgument.raise_for(bad)
         options = SamplingOptions(
             max_new_tokens=max_new,
             temperature=temperature,
@@ -607,7 +606,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     f"token id {ids[bad[0]]} is outside the vocabulary (size {tok.vocab_size})",
                 )
         elif kind == "conversation":
-            messages = _messages(prompt.conversation, f"{field}.conversation")
+            messages = conversation_messages(prompt.conversation, f"{field}.conversation")
             ids, removed_messages, original = self._fit_conversation(messages, field, truncation, window - reserve)
         else:
             raise InvalidArgument.field(field, "set text, conversation or token_ids")
@@ -686,19 +685,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         )
         pb.loaded_at.FromDatetime(adapter.loaded_at)
         return pb
-
-
-def _messages(conversation: common_pb2.Conversation, field: str) -> list[dict[str, str]]:
-    if not conversation.messages:
-        raise InvalidArgument.field(f"{field}.messages", "a conversation needs at least one message")
-    bad = [
-        FieldViolation(f"{field}.messages[{j}].role", "role must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT")
-        for j, m in enumerate(conversation.messages)
-        if m.role not in ROLE_NAMES
-    ]
-    if bad:
-        raise InvalidArgument("; ".join(f"{v.field}: {v.description}" for v in bad), bad)
-    return [{"role": ROLE_NAMES[m.role], "content": m.content} for m in conversation.messages]
 
 
 def _logprobs_pb(output: EngineOutput, tok: LoadedTokenizer) -> list[inference_pb2.TokenLogprob]:

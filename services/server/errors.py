@@ -44,6 +44,17 @@ class InvalidArgument(ServiceError):
         """A single bad field: the message is "<field>: <description>"."""
         return cls(f"{field}: {description}", [FieldViolation(field, description)])
 
+    @classmethod
+    def raise_for(cls, violations: Sequence[FieldViolation], limit: int = 20) -> None:
+        """Raise one error listing every violation (the first `limit` of them); do nothing when there are none."""
+        if not violations:
+            return
+        shown = violations[:limit]
+        message = "; ".join(f"{v.field}: {v.description}" for v in shown)
+        if len(violations) > len(shown):
+            message += f" (and {len(violations) - len(shown)} more)"
+        raise cls(message, shown)
+
 
 class OutOfRange(ServiceError):
     code = grpc.StatusCode.OUT_OF_RANGE

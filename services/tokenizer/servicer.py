@@ -10,21 +10,14 @@ from typing import Any
 import grpc
 
 from genloom.services.models.registry import ModelRegistry
+from genloom.services.server.conversation import conversation_messages
 from genloom.services.server.errors import FieldViolation, InvalidArgument, Unavailable
 from genloom.services.server.settings import ModelSettings
 from genloom.services.tokenizer.settings import TokenizerSettings
 from genloom.services.tokenizer.store import LoadedTokenizer, TokenizerStore
-from genloom.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
+from genloom.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 
 logger = logging.getLogger(__name__)
-
-ROLE_NAMES = {
-    common_pb2.ROLE_SYSTEM: "system",
-    common_pb2.ROLE_USER: "user",
-    common_pb2.ROLE_ASSISTANT: "assistant",
-}
-# A request with many bad fields reports this many; the message says how many there were.
-_MAX_VIOLATIONS = 20
 
 
 class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
@@ -107,7 +100,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             for j, t in enumerate(seq)
             if t >= tok.vocab_size
         ]
-        _raise_violations(violations)
+        InvalidArgument.raise_for(violations)
         texts = await asyncio.to_thread(tok.decode, sequences, request.skip_special_tokens)
         return tokenizer_pb2.DetokenizeResponse(model=tok.name, texts=texts)
 
@@ -115,7 +108,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         self, request: tokenizer_pb2.ApplyChatTemplateRequest, context: grpc.aio.ServicerContext
     ) -> tokenizer_pb2.ApplyChatTemplateResponse:
         tok = await self._tokenizer(request.model)
-        messages = _messages(request.conversation, "conversation")
+        messages = conversation_messages(request.conversation, "conversation")
         text = tok.render_chat(messages, _flag(request, "add_generation_prompt", True))
         (enc,) = await asyncio.to_thread(tok.encode, [text], False)
         response = tokenizer_pb2.ApplyChatTemplateResponse(model=tok.name, text=text, count=len(enc.ids))
@@ -191,7 +184,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                 text_slots.append(i)
             elif kind == "conversation":
                 try:
-                    messages = _messages(item.conversation, f"inputs[{i}].conversation")
+                    messages = conversation_messages(item.conversation, f"inputs[{i}].conversation")
                 except InvalidArgument as err:
                     violations.extend(err.violations)
                     continue
@@ -199,7 +192,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                 chat_slots.append(i)
             else:
                 violations.append(FieldViolation(f"inputs[{i}]", "set either text or conversation"))
-        _raise_violations(violations)
+        InvalidArgument.raise_for(violations)
         out: list[Any] = [None] * len(inputs)
         if texts:
             for slot, enc in zip(text_slots, tok.encode(texts, add_special_tokens), strict=True):
@@ -213,25 +206,3 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
 
 def _flag(request: Any, field: str, default: bool) -> bool:
     return bool(getattr(request, field)) if request.HasField(field) else default
-
-
-def _messages(conversation: common_pb2.Conversation, field: str) -> list[dict[str, str]]:
-    if not conversation.messages:
-        raise InvalidArgument.field(f"{field}.messages", "a conversation needs at least one message")
-    violations = [
-        FieldViolation(f"{field}.messages[{j}].role", "role must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT")
-        for j, m in enumerate(conversation.messages)
-        if m.role not in ROLE_NAMES
-    ]
-    _raise_violations(violations)
-    return [{"role": ROLE_NAMES[m.role], "content": m.content} for m in conversation.messages]
-
-
-def _raise_violations(violations: list[FieldViolation]) -> None:
-    if not violations:
-        return
-    shown = violations[:_MAX_VIOLATIONS]
-    message = "; ".join(f"{v.field}: {v.description}" for v in shown)
-    if len(violations) > len(shown):
-        message += f" (and {len(violations) - len(shown)} more)"
-    raise InvalidArgument(message, shown)

@@ -91,15 +91,15 @@ def _score_request(
     )
 
 
-class GenerationStream:
-    """Iterate over `GenerationDelta`s; afterwards `finish` holds the end of the generation and `text` the
-    whole text. `close()` (or leaving a `with` block, or abandoning the iteration) cancels the call, which
-    aborts the generation on the server."""
+class _StreamState:
+    """What the sync and async streams share: the call, the text so far and the finish."""
 
     def __init__(self, call: Any) -> None:
         self._call = call
         self.request_id = ""
+        """The request's id (yours, or assigned by the server), once the first message arrived."""
         self.finish: GenerationFinish | None = None
+        """The end of the generation, once the stream is exhausted."""
         self._parts: list[str] = []
 
     @property
@@ -107,24 +107,35 @@ class GenerationStream:
         """Text received so far."""
         return "".join(self._parts)
 
+    def _accept(self, message: inference_pb2.GenerateStreamResponse) -> GenerationDelta | None:
+        self.request_id = message.request_id
+        if message.HasField("delta"):
+            delta = GenerationDelta.from_pb(message.delta)
+            self._parts.append(delta.text)
+            return delta
+        self.finish = GenerationFinish.from_pb(message.finish)
+        return None
+
+    def close(self) -> None:
+        """Cancel the call if it is still running (this aborts the generation on the server)."""
+        self._call.cancel()
+
+
+class GenerationStream(_StreamState):
+    """Iterate over `GenerationDelta`s; afterwards `finish` holds the end of the generation and `text` the
+    whole text. `close()` (or leaving a `with` block, or abandoning the iteration) cancels the call, which
+    aborts the generation on the server."""
+
     def __iter__(self) -> Iterator[GenerationDelta]:
         try:
             for message in self._call:
-                self.request_id = message.request_id
-                if message.HasField("delta"):
-                    delta = GenerationDelta.from_pb(message.delta)
-                    self._parts.append(delta.text)
+                delta = self._accept(message)
+                if delta is not None:
                     yield delta
-                else:
-                    self.finish = GenerationFinish.from_pb(message.finish)
         except grpc.RpcError as err:
             raise error_from_rpc(err) from None
         finally:
             self.close()
-
-    def close(self) -> None:
-        """Cancel the call if it is still running."""
-        self._call.cancel()
 
     def __enter__(self) -> GenerationStream:
         return self
@@ -135,38 +146,19 @@ class GenerationStream:
         self.close()
 
 
-class AsyncGenerationStream:
+class AsyncGenerationStream(_StreamState):
     """`GenerationStream` for asyncio: `async for delta in stream`."""
-
-    def __init__(self, call: Any) -> None:
-        self._call = call
-        self.request_id = ""
-        self.finish: GenerationFinish | None = None
-        self._parts: list[str] = []
-
-    @property
-    def text(self) -> str:
-        """Text received so far."""
-        return "".join(self._parts)
 
     async def __aiter__(self) -> AsyncIterator[GenerationDelta]:
         try:
             async for message in self._call:
-                self.request_id = message.request_id
-                if message.HasField("delta"):
-                    delta = GenerationDelta.from_pb(message.delta)
-                    self._parts.append(delta.text)
+                delta = self._accept(message)
+                if delta is not None:
                     yield delta
-                else:
-                    self.finish = GenerationFinish.from_pb(message.finish)
         except grpc.RpcError as err:
             raise error_from_rpc(err) from None
         finally:
             self.close()
-
-    def close(self) -> None:
-        """Cancel the call if it is still running."""
-        self._call.cancel()
 
     async def __aenter__(self) -> AsyncGenerationStream:
         return self
