@@ -26,19 +26,10 @@ class ServerProcess:
     """Runs `genloom serve <service> --port 0 <args>`; `port`/`target` are known once `start()` returns."""
 
     def __init__(self, service: str = "all", args: Sequence[str] = (), env: Mapping[str, str] | None = None) -> None:
-        # The bound ports are read from the info-level start-up log lines (stderr is captured, not shown).
-        self.command = [
-            sys.executable,
-            "-m",
-            "genloom.cli",
-            "serve",
-            service,
-            "--port",
-            "0",
-            "--log-level",
-            "info",
-            *args,
-        ]
+        # The bound ports are read from the info-level start-up log lines (stderr is captured, not shown), so
+        # the log level is info whatever `args` say.
+        self.command = [sys.executable, "-m", "genloom.cli", "serve", service, "--port", "0", *args]
+        self.command += ["--log-level", "info"]
         self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen[str] | None = None
         self.port: int | None = None
