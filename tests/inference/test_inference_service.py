@@ -369,12 +369,20 @@ async def test_backpressure_refuses_with_retry_info(default_model_dir: Path) -> 
     await server.wait_ready()
     try:
         async with genloom.AsyncClient(target=f"127.0.0.1:{server.port}", max_retries=0) as client:
-            calls = [
-                asyncio.create_task(client.inference.generate(QUESTION, max_new_tokens=64, ignore_eos=True))
-                for _ in range(2)
-            ]
-            while engine.load() != (1, 1):  # one running, one waiting
-                await asyncio.sleep(0.01)
+
+            def start() -> asyncio.Task[Any]:
+                return asyncio.create_task(client.inference.generate(QUESTION, max_new_tokens=64, ignore_eos=True))
+
+            async def until(load: tuple[int, int]) -> None:
+                async with asyncio.timeout(30):
+                    while engine.load() != load:
+                        await asyncio.sleep(0.01)
+
+            # One at a time, so that the second is admitted while the first already runs (waiting 0 < 1).
+            calls = [start()]
+            await until((1, 0))
+            calls.append(start())
+            await until((1, 1))  # one running, one waiting: the queue is full
             with pytest.raises(genloom.ResourceExhaustedError) as err:
                 await client.inference.generate(QUESTION, max_new_tokens=4)
             assert err.value.retry_after is not None and err.value.retry_after > 0
