@@ -440,31 +440,29 @@ async def test_dead_engine_flips_health_and_answers_unavailable(default_model_di
         await engine.shutdown()
 
 
-async def test_cli_generate(service: dict[str, Any]) -> None:
+async def test_cli_generate(hf_engine: Engine, default_model_dir: Path) -> None:
     import os
     import sys
 
-    if service["kind"] != "hf":
-        pytest.skip("one engine is enough for the CLI")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "genloom.cli",
-        "--target",
-        f"127.0.0.1:{service['port']}",
-        "generate",
-        "What is the capital of France?",
-        "--max-new-tokens",
-        "16",
-        "--stream",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "GENLOOM_API_KEY": ""},
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
-    assert proc.returncode == 0, err.decode()
-    unary = await service["client"].inference.generate(
-        [{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=16, temperature=0
-    )
-    assert out.decode().strip() == unary.text.strip()
-    assert "generated tokens" in err.decode()
+    models = ModelSettings(model=DEFAULT_MODEL, model_cache=default_model_dir.parent)
+    server = GenloomServer(ServerSettings(port=0), [InferenceServicer(models, InferenceSettings(), engine=hf_engine)])
+    await server.start()
+    await server.wait_ready()
+    target = f"127.0.0.1:{server.port}"
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "genloom.cli", "--target", target, "generate",
+            "What is the capital of France?", "--max-new-tokens", "16", "--stream",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "GENLOOM_API_KEY": ""},
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+        assert proc.returncode == 0, err.decode()
+        async with genloom.AsyncClient(target=target) as client:
+            unary = await client.inference.generate(
+                [{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=16, temperature=0
+            )
+        assert out.decode().strip() == unary.text.strip()
+        assert "generated tokens" in err.decode()
+    finally:
+        await server.stop(1.0)
