@@ -12,6 +12,7 @@ from pathlib import Path
 
 from genloom.services.inference.engine import AdapterError
 
+CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
@@ -30,12 +31,8 @@ def inspect_adapter(path: str | Path, *, hidden_size: int, max_rank: int) -> Ada
     `hidden_size` is the base model's: an adapter trained for another architecture has LoRA matrices of another
     width, which is caught here from the safetensors header (no weights are loaded).
     """
-    directory = Path(path).expanduser()
-    if not directory.is_dir():
-        raise AdapterError(f"adapter path {str(path)!r} is not a directory on the server")
-    config_file = directory / "adapter_config.json"
-    if not config_file.is_file():
-        raise AdapterError(f"{directory} has no adapter_config.json: not a PEFT adapter")
+    directory, weights = adapter_files(path)
+    config_file = directory / CONFIG_FILE
     try:
         config = json.loads(config_file.read_text())
     except (OSError, ValueError) as err:
@@ -43,9 +40,6 @@ def inspect_adapter(path: str | Path, *, hidden_size: int, max_rank: int) -> Ada
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type != "LORA":
         raise AdapterError(f"{directory} is a {peft_type or 'unknown'} adapter; only LoRA adapters are served")
-    weights = next((directory / name for name in WEIGHT_FILES if (directory / name).is_file()), None)
-    if weights is None:
-        raise AdapterError(f"{directory} has no adapter weights ({' or '.join(WEIGHT_FILES)})")
     rank = int(config.get("r") or 0)
     if rank <= 0:
         raise AdapterError(f"{config_file}: LoRA rank 'r' is missing or not positive")
@@ -63,6 +57,20 @@ def inspect_adapter(path: str | Path, *, hidden_size: int, max_rank: int) -> Ada
         target_modules=tuple(sorted(targets)),
         base_model=str(config.get("base_model_name_or_path") or ""),
     )
+
+
+def adapter_files(path: str | Path) -> tuple[Path, Path]:
+    """(directory, weights file) of a PEFT adapter directory, or AdapterError: the files an engine will open.
+    Cheap enough to repeat before every request that names the adapter (files can vanish after loading)."""
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        raise AdapterError(f"adapter path {str(path)!r} is not a directory on the server")
+    if not (directory / CONFIG_FILE).is_file():
+        raise AdapterError(f"{directory} has no {CONFIG_FILE}: not a PEFT adapter")
+    weights = next((directory / name for name in WEIGHT_FILES if (directory / name).is_file()), None)
+    if weights is None:
+        raise AdapterError(f"{directory} has no adapter weights ({' or '.join(WEIGHT_FILES)})")
+    return directory, weights
 
 
 def _check_widths(weights: Path, hidden_size: int) -> None:

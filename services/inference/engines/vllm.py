@@ -43,6 +43,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDeadError
 from vllm.v1.engine.exceptions import EngineGenerateError
 
+from genloom.services.inference.adapters import adapter_files
 from genloom.services.inference.engine import (
     AdapterError,
     Engine,
@@ -60,7 +61,6 @@ from genloom.services.inference.settings import InferenceSettings
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 # One score request: (adapter id or 0, prompt, continuation tokens before this one, this token).
 _ScoreKey = tuple[int, tuple[int, ...], tuple[int, ...], int]
@@ -410,7 +410,7 @@ class VLLMEngine(Engine):
         llm = self._ready()
         if not self.settings.enable_lora:
             raise AdapterError("this engine was started without LoRA support (GENLOOM_ENABLE_LORA=false)")
-        directory = _check_adapter_dir(path)
+        directory = adapter_files(path)[0].resolve()
         lora = LoRARequest(
             # Unique per load: vLLM compares LoRARequests by name, and a replaced adapter may still be in use.
             lora_name=f"{name}@{self._next_lora_id}",
@@ -447,7 +447,7 @@ class VLLMEngine(Engine):
             raise AdapterError(f"no adapter named {name!r} is loaded")
         # vLLM reloads an adapter from disk when it was evicted from its cache; a directory deleted since
         # add_adapter would then kill the EngineCore, so refuse the request instead.
-        _check_adapter_dir(lora.lora_path)
+        adapter_files(lora.lora_path)
         return lora
 
     def _use_lora(self, lora: LoRARequest | None) -> None:
@@ -483,18 +483,6 @@ class VLLMEngine(Engine):
         except Exception:
             # It only costs cache space; vLLM evicts it when another adapter needs the slot.
             logger.warning("vLLM could not drop adapter %s", lora.lora_name, exc_info=True)
-
-
-def _check_adapter_dir(path: str | Path) -> Path:
-    """The part of adapter validation vLLM depends on for its life: the files it opens must be there."""
-    directory = Path(path).expanduser().resolve()
-    if not directory.is_dir():
-        raise AdapterError(f"adapter directory {directory} does not exist")
-    if not (directory / "adapter_config.json").is_file():
-        raise AdapterError(f"{directory} has no adapter_config.json: not a PEFT adapter")
-    if not any((directory / name).is_file() for name in ADAPTER_WEIGHT_FILES):
-        raise AdapterError(f"{directory} has no adapter weights ({' or '.join(ADAPTER_WEIGHT_FILES)})")
-    return directory
 
 
 def _token_logprob(token_id: int, position: dict[int, Any], top_n: int) -> TokenLogprob:
