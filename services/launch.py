@@ -7,22 +7,34 @@ import logging
 from collections.abc import Sequence
 
 from genloom.services.inference.settings import InferenceSettings
-from genloom.services.server.settings import ModelSettings, ServerSettings, Settings
+from genloom.services.server.settings import ModelSettings, ServerSettings, Settings, SettingsError
+from genloom.services.tasks.settings import TasksSettings
 from genloom.services.tokenizer.settings import TokenizerSettings
 
 logger = logging.getLogger(__name__)
 
 SERVICES = ("tokenizer", "inference", "tasks", "finetune")
 # Every settings class a `genloom serve` process reads, in the order the CLI shows them.
-SETTINGS_CLASSES: tuple[type[Settings], ...] = (ServerSettings, ModelSettings, TokenizerSettings, InferenceSettings)
+SETTINGS_CLASSES: tuple[type[Settings], ...] = (
+    ServerSettings,
+    ModelSettings,
+    TokenizerSettings,
+    InferenceSettings,
+    TasksSettings,
+)
 
 
 def build_services(  # type: ignore[no-untyped-def]
-    which: str, models: ModelSettings, tokenizer: TokenizerSettings, inference: InferenceSettings | None = None
+    which: str,
+    models: ModelSettings,
+    tokenizer: TokenizerSettings,
+    inference: InferenceSettings | None = None,
+    tasks: TasksSettings | None = None,
 ) -> list:
     """The service objects for `which` ("all" or one of SERVICES)."""
     from genloom.services.inference.servicer import InferenceServicer
     from genloom.services.server.placeholder import PlaceholderService
+    from genloom.services.tasks.servicer import TaskServicer
     from genloom.services.tokenizer.servicer import TokenizerServicer
 
     if which != "all" and which not in SERVICES:
@@ -34,6 +46,15 @@ def build_services(  # type: ignore[no-untyped-def]
             services.append(TokenizerServicer.from_settings(models, tokenizer))
         elif name == "inference":
             services.append(InferenceServicer(models, inference or InferenceSettings()))
+        elif name == "tasks":
+            tasks = tasks or TasksSettings()
+            for dependency, target in (("tokenizer", tasks.tokenizer_target), ("inference", tasks.inference_target)):
+                if not target and dependency not in names:
+                    raise SettingsError(
+                        f"GENLOOM_TASKS_{dependency.upper()}_TARGET: the task service needs a {dependency} service; "
+                        f"set its address or serve both here (genloom serve all)"
+                    )
+            services.append(TaskServicer(tasks))
         else:  # not shipped yet: the contract is served, every RPC answers UNIMPLEMENTED
             services.append(PlaceholderService(_descriptor(name)))
     return services
@@ -45,13 +66,14 @@ def run(
     models: ModelSettings,
     tokenizer: TokenizerSettings,
     inference: InferenceSettings,
+    tasks: TasksSettings | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT. Raises if a service fails to start."""
     from genloom.services.server.app import GenloomServer
     from genloom.services.server.log_setup import configure_logging
 
     configure_logging(server.log_level, server.log_format)
-    app = GenloomServer(server, build_services(which, models, tokenizer, inference))
+    app = GenloomServer(server, build_services(which, models, tokenizer, inference, tasks))
     asyncio.run(app.serve_until_signal())
 
 
@@ -59,7 +81,6 @@ def _descriptor(name: str):  # type: ignore[no-untyped-def]
     import importlib
 
     module, service = {
-        "tasks": ("tasks_pb2", "TaskService"),
         "finetune": ("finetune_pb2", "FineTuningService"),
     }[name]
     return importlib.import_module(f"genloom.v1.{module}").DESCRIPTOR.services_by_name[service]

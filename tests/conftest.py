@@ -11,11 +11,12 @@ import json
 import os
 import shutil
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 
 from genloom.services.models.smollm2 import ensure_default_model
 from genloom.services.server.app import GenloomServer
@@ -101,3 +102,15 @@ def tokenizer_server(default_model_dir: Path, small_model_dir: Path) -> Iterator
     server.wait_ready()
     yield server
     server.stop()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def hf_engine(default_model_dir: Path) -> AsyncIterator[Any]:
+    """The real default model in the `hf` engine, started once per session (inference and task tests share it)."""
+    from genloom.services.inference.engines.hf import HFEngine
+    from genloom.services.inference.settings import InferenceSettings
+
+    engine = HFEngine(default_model_dir, DEFAULT_MODEL, InferenceSettings(engine="hf"))
+    await engine.start()
+    yield engine
+    await engine.shutdown()

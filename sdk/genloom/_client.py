@@ -8,6 +8,7 @@ from typing import Any
 
 from genloom._transport import _DEFAULT, DEFAULT_MAX_RETRIES, AsyncTransport, ClientOptions, SyncTransport
 from genloom.resources.inference import AsyncInference, Inference
+from genloom.resources.tasks import AsyncTasks, Tasks
 from genloom.resources.tokenizer import AsyncTokenizer, Tokenizer
 
 
@@ -70,11 +71,14 @@ class Client(_ClientBase):
     """Tokenize, detokenize, count tokens, chat templates, context windows."""
     inference: Inference
     """Generate (whole or streamed), score candidates, models and adapters."""
+    tasks: Tasks
+    """Summarize (whole or streamed), answer, classify; evaluate prompting strategies and models on a dataset."""
 
     def _connect(self) -> None:
         self._transport = SyncTransport(self._options)
         self.tokenizer = Tokenizer(self._transport)
         self.inference = Inference(self._transport)
+        self.tasks = Tasks(self._transport)
 
     def close(self) -> None:
         """Close the channel; in-flight calls are cancelled."""
@@ -99,11 +103,14 @@ class AsyncClient(_ClientBase):
     """Tokenize, detokenize, count tokens, chat templates, context windows."""
     inference: AsyncInference
     """Generate (whole or streamed), score candidates, models and adapters."""
+    tasks: AsyncTasks
+    """Summarize (whole or streamed), answer, classify; evaluate prompting strategies and models on a dataset."""
 
     def _connect(self) -> None:
         self._transport = AsyncTransport(self._options)
         self.tokenizer = AsyncTokenizer(self._transport)
         self.inference = AsyncInference(self._transport)
+        self.tasks = AsyncTasks(self._transport)
 
     async def close(self) -> None:
         """Close the channel; in-flight calls are cancelled."""

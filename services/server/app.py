@@ -100,11 +100,28 @@ class GenloomServer:
             raise OSError(f"could not bind {address}")
         await server.start()
         self._server = server
+        self._bind_local_targets()
         if s.metrics_port >= 0:
             self.metrics_port = serve_metrics(s.metrics_host, s.metrics_port)
         logger.info("genloom serving %s on %s:%d", ", ".join(names) or "nothing", s.host, self.port)
         self._startup = asyncio.create_task(self._start_services(), name="genloom-startup")
         return self.port
+
+    def _bind_local_targets(self) -> None:
+        """Tell services that call other services (tasks -> tokenizer, inference) how to reach this server."""
+        s = self.settings
+        tls = s.tls_cert is not None and s.tls_key is not None
+        host = s.host if s.host not in ("0.0.0.0", "::", "[::]", "") else "127.0.0.1"
+        if tls:
+            host = "localhost"  # the name a self-signed development certificate is most likely issued for
+        keys = sorted(s.load_api_keys())
+        for service in self.services:
+            if hasattr(service, "bind_local_target"):
+                service.bind_local_target(
+                    f"{_bracket(host)}:{self.port}",
+                    keys[0] if keys else "",
+                    s.tls_cert.read_bytes() if tls and s.tls_cert is not None else None,
+                )
 
     async def _start_services(self) -> None:
         for service in self.services:

@@ -45,16 +45,6 @@ def reference_greedy(reference: tuple[Any, Any], messages: list[dict[str, str]],
     return [int(t) for t in out[0, ids.shape[1] :]]
 
 
-@pytest_asyncio.fixture(scope="session")
-async def hf_engine(default_model_dir: Path) -> AsyncIterator[Engine]:
-    from genloom.services.inference.engines.hf import HFEngine
-
-    engine = HFEngine(default_model_dir, DEFAULT_MODEL, InferenceSettings(engine="hf"))
-    await engine.start()
-    yield engine
-    await engine.shutdown()
-
-
 @pytest.fixture(scope="module", params=ENGINES)
 def engine(request: pytest.FixtureRequest) -> Engine:
     """The shared engine of each kind in turn (looked up here, outside the event loop, so that an async

@@ -47,21 +47,28 @@ def _side(truncation: Truncation) -> Any:
     return _SIDES[truncation]
 
 
-def _generate_request(prompt: PromptLike, options: dict[str, Any]) -> inference_pb2.GenerateRequest:
+def _sampling_params(options: dict[str, Any]) -> inference_pb2.SamplingParams:
+    """Pop the sampling keyword arguments of `generate()` out of `options` into SamplingParams (an absent or None
+    argument stays unset, i.e. the server's default). Shared with the task resource, which takes the same ones."""
     sampling = inference_pb2.SamplingParams(
-        max_new_tokens=options.pop("max_new_tokens") or 0,
-        top_k=options.pop("top_k") or 0,
-        top_p=options.pop("top_p") or 0.0,
-        repetition_penalty=options.pop("repetition_penalty") or 0.0,
-        stop=options.pop("stop") or (),
-        stop_token_ids=options.pop("stop_token_ids") or (),
-        min_new_tokens=options.pop("min_new_tokens") or 0,
-        ignore_eos=options.pop("ignore_eos"),
+        max_new_tokens=options.pop("max_new_tokens", None) or 0,
+        top_k=options.pop("top_k", None) or 0,
+        top_p=options.pop("top_p", None) or 0.0,
+        repetition_penalty=options.pop("repetition_penalty", None) or 0.0,
+        stop=options.pop("stop", None) or (),
+        stop_token_ids=options.pop("stop_token_ids", None) or (),
+        min_new_tokens=options.pop("min_new_tokens", None) or 0,
+        ignore_eos=bool(options.pop("ignore_eos", False)),
     )
     for name in ("temperature", "seed", "logprobs", "skip_special_tokens"):
-        value = options.pop(name)
+        value = options.pop(name, None)
         if value is not None:
             setattr(sampling, name, value)
+    return sampling
+
+
+def _generate_request(prompt: PromptLike, options: dict[str, Any]) -> inference_pb2.GenerateRequest:
+    sampling = _sampling_params(options)
     request = inference_pb2.GenerateRequest(
         request_id=options.pop("request_id") or "",
         model=common_pb2.ModelRef(model=options.pop("model"), adapter=options.pop("adapter")),

@@ -1,0 +1,1 @@
+"""TaskService: summarize, answer, classify and evaluate on top of the tokenizer and inference services."""

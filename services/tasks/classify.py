@@ -1,0 +1,318 @@
+"""Classify one text. SCORE (default): the labels are scored as continuations of one prompt through
+InferenceService.Score and turned into probabilities, optionally calibrated against content-free inputs;
+multi-label asks Yes/No per label. GENERATE: the model writes the label(s), mapped back onto the label set."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from genloom.services.tasks.context import Fitted, Tally, TaskContext, generate_request, sampling_for, softmax
+from genloom.services.tasks.prompts import (
+    CONTENT_FREE_INPUTS,
+    NO,
+    YES,
+    PromptSpec,
+    classify_prompt,
+    label_question_prompt,
+    reply_prefix,
+    text_turn,
+)
+from genloom.v1 import inference_pb2, tasks_pb2, tokenizer_pb2
+
+DEFAULT_THRESHOLD = 0.5
+
+
+@dataclass(frozen=True)
+class ClassifyOptions:
+    labels: Sequence[tasks_pb2.ClassLabel]
+    multi_label: bool
+    method: int  # ClassifyMethod, resolved (never UNSPECIFIED)
+    calibrate: bool
+    examples: Sequence[tasks_pb2.ClassifyExample]
+    instruction: str
+    sampling: inference_pb2.SamplingParams
+    truncation: int
+    threshold: float
+    normalize_by_length: bool
+
+    @property
+    def names(self) -> list[str]:
+        return [label.name for label in self.labels]
+
+    def prompt(self, text: str) -> PromptSpec:
+        return classify_prompt(
+            text, self.labels, self.examples, multi_label=self.multi_label, instruction=self.instruction
+        )
+
+    def question(self, text: str, label: str) -> PromptSpec:
+        return label_question_prompt(text, label, self.labels, self.examples, instruction=self.instruction)
+
+
+@dataclass
+class _Scored:
+    """One prompt's label (or Yes/No) log-probabilities."""
+
+    fitted: Fitted
+    logprobs: list[float]
+
+
+async def classify(ctx: TaskContext, text: str, options: ClassifyOptions, field: str) -> tasks_pb2.ClassifyResult:
+    tally = Tally()
+    report = tasks_pb2.ContextReport(context_window=ctx.window, examples_given=len(options.examples))
+    if options.method == tasks_pb2.CLASSIFY_METHOD_GENERATE:
+        return await _generate(ctx, text, options, field, report, tally)
+    if options.multi_label:
+        return await _score_multi(ctx, text, options, field, report, tally)
+    return await _score_single(ctx, text, options, field, report, tally)
+
+
+async def _label_tokens(ctx: TaskContext, candidates: Sequence[str]) -> int:
+    """Tokens of the longest candidate continuation (reserved next to the prompt)."""
+
+    async def count() -> int:
+        counts = await ctx.upstream.count(
+            ctx.tokenizer_model, [tokenizer_pb2.TokenizerInput(text=c) for c in candidates]
+        )
+        return max(counts)
+
+    return await ctx.once(("candidate-tokens", tuple(candidates)), count)  # type: ignore[no-any-return]
+
+
+async def _fit(
+    ctx: TaskContext,
+    key: object,
+    spec_for: object,
+    text: str,
+    reserve: int,
+    options: ClassifyOptions,
+    field: str,
+    report: tasks_pb2.ContextReport,
+) -> Fitted:
+    """The text's prompt with the examples that fit; the text truncated per the request when it does not fit
+    alone (classification never chunks: one decision needs the whole text in one prompt)."""
+    assert callable(spec_for)
+    measured = await ctx.measure(spec_for(text), text)
+    report.input_tokens = measured.input_tokens
+    fitted = await ctx.fit(key, measured, reserve)
+    if fitted is None:
+        fitted, _, removed = await ctx.truncate(spec_for, measured, reserve, options.truncation, field)
+        report.truncated = True
+        report.truncation_side = options.truncation
+        report.removed_tokens = removed
+    report.chunks = 1
+    return fitted
+
+
+def _score_item(fitted: Fitted, candidates: Sequence[str]) -> inference_pb2.ScoreItem:
+    return inference_pb2.ScoreItem(
+        prompt=inference_pb2.Prompt(token_ids=tokenizer_pb2.TokenIds(ids=fitted.ids)), candidates=candidates
+    )
+
+
+async def _score(
+    ctx: TaskContext, fitted: Sequence[Fitted], candidates: Sequence[str], mean: bool, tally: Tally | None
+) -> list[_Scored]:
+    response = await ctx.score(
+        inference_pb2.ScoreRequest(model=ctx.model, items=[_score_item(f, candidates) for f in fitted])
+    )
+    out = []
+    for f, result in zip(fitted, response.results, strict=True):
+        if tally is not None:
+            tally.add(result.prompt_tokens)
+        values = [c.mean_logprob if mean else c.sum_logprob for c in result.candidates]
+        out.append(_Scored(f, values))
+    return out
+
+
+async def _content_free(
+    ctx: TaskContext, spec: PromptSpec, candidates: Sequence[str], mean: bool, tally: Tally, key: object
+) -> list[float]:
+    """The mean candidate probabilities over the content-free inputs, for the prompt with the same examples
+    (computed once per request and example set; its calls are counted on the text that asked first)."""
+
+    async def compute() -> list[float]:
+        specs = [spec.with_query(text_turn(cf)) for cf in CONTENT_FREE_INPUTS]
+        results = await ctx.tokenize(specs)
+        fitted = [Fitted(s, list(r.ids)) for s, r in zip(specs, results, strict=True)]
+        scored = await _score(ctx, fitted, candidates, mean, tally)
+        probs = [softmax(s.logprobs) for s in scored]
+        return [sum(p[j] for p in probs) / len(probs) for j in range(len(candidates))]
+
+    return await ctx.once(("content-free", key, spec.used), compute)  # type: ignore[no-any-return]
+
+
+def _calibrate(probs: Sequence[float], prior: Sequence[float]) -> list[float]:
+    weights = [p / max(q, 1e-12) for p, q in zip(probs, prior, strict=True)]
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+async def _score_single(
+    ctx: TaskContext,
+    text: str,
+    options: ClassifyOptions,
+    field: str,
+    report: tasks_pb2.ContextReport,
+    tally: Tally,
+) -> tasks_pb2.ClassifyResult:
+    prefix = reply_prefix(ctx.chat)
+    candidates = [prefix + name for name in options.names]
+    reserve = await _label_tokens(ctx, candidates)
+    fitted = await _fit(ctx, "classify", options.prompt, text, reserve, options, field, report)
+    (scored,) = await _score(ctx, [fitted], candidates, options.normalize_by_length, tally)
+    probs = softmax(scored.logprobs)
+    prior = [0.0] * len(probs)
+    calibrated = probs
+    if options.calibrate:
+        prior = await _content_free(ctx, fitted.spec, candidates, options.normalize_by_length, tally, "single")
+        calibrated = _calibrate(probs, prior)
+    result = tasks_pb2.ClassifyResult()
+    for name, p, raw, lp, q in zip(options.names, calibrated, probs, scored.logprobs, prior, strict=True):
+        result.probabilities.add(
+            label=name, probability=p, logprob=lp, uncalibrated_probability=raw, content_free_probability=q
+        )
+    top = max(range(len(calibrated)), key=lambda j: calibrated[j])
+    result.label = options.names[top]
+    result.labels.append(result.label)
+    _finish(report, fitted, tally, reserve=0)
+    result.context.CopyFrom(report)
+    result.usage.CopyFrom(tally.usage())
+    return result
+
+
+async def _score_multi(
+    ctx: TaskContext,
+    text: str,
+    options: ClassifyOptions,
+    field: str,
+    report: tasks_pb2.ContextReport,
+    tally: Tally,
+) -> tasks_pb2.ClassifyResult:
+    prefix = reply_prefix(ctx.chat)
+    candidates = [prefix + YES, prefix + NO]
+    reserve = await _label_tokens(ctx, candidates)
+    fitted = []
+    for name in options.names:
+        label_report = tasks_pb2.ContextReport()
+        fitted.append(
+            await _fit(
+                ctx,
+                ("multi", name),
+                lambda t, n=name: options.question(t, n),
+                text,
+                reserve,
+                options,
+                field,
+                label_report,
+            )
+        )
+        report.input_tokens = label_report.input_tokens
+        if label_report.truncated:
+            report.truncated = True
+            report.truncation_side = label_report.truncation_side
+            report.removed_tokens = max(report.removed_tokens, label_report.removed_tokens)
+    scored = await _score(ctx, fitted, candidates, False, tally)
+    result = tasks_pb2.ClassifyResult()
+    probabilities = []
+    for name, s in zip(options.names, scored, strict=True):
+        yes_no = softmax(s.logprobs)
+        p = raw = yes_no[0]
+        prior = 0.0
+        if options.calibrate:
+            cf = await _content_free(ctx, s.fitted.spec, candidates, False, tally, ("multi", name))
+            prior = cf[0]
+            p = _calibrate(yes_no, cf)[0]
+        probabilities.append(p)
+        result.probabilities.add(
+            label=name,
+            probability=p,
+            logprob=s.logprobs[0],
+            uncalibrated_probability=raw,
+            content_free_probability=prior,
+        )
+    order = sorted(range(len(probabilities)), key=lambda j: -probabilities[j])
+    result.label = options.names[order[0]]
+    result.labels.extend(options.names[j] for j in order if probabilities[j] >= options.threshold)
+    _finish(report, max(fitted, key=lambda f: len(f.ids)), tally, reserve=0)
+    report.examples_used = min(f.examples_used for f in fitted)
+    result.context.CopyFrom(report)
+    result.usage.CopyFrom(tally.usage())
+    return result
+
+
+async def _generate(
+    ctx: TaskContext,
+    text: str,
+    options: ClassifyOptions,
+    field: str,
+    report: tasks_pb2.ContextReport,
+    tally: Tally,
+) -> tasks_pb2.ClassifyResult:
+    names = options.names
+    if options.sampling.max_new_tokens:
+        reserve = options.sampling.max_new_tokens
+    else:
+        longest = await _label_tokens(ctx, [reply_prefix(ctx.chat) + n for n in names])
+        reserve = longest * len(names) + 2 * len(names) + 4 if options.multi_label else longest + 4
+    fitted = await _fit(ctx, "classify", options.prompt, text, reserve, options, field, report)
+    sampling = sampling_for(options.sampling, reserve, [] if ctx.chat else ["\n"])
+    response = await ctx.generate(generate_request(ctx, fitted.ids, sampling))
+    tally.add(len(fitted.ids), response.usage.completion_tokens)
+    generated = response.text.strip()
+    matched = map_labels(generated, names, options.multi_label)
+    result = tasks_pb2.ClassifyResult(generated_text=generated)
+    for name in names:
+        result.probabilities.add(
+            label=name,
+            probability=1.0 if name in matched else 0.0,
+            uncalibrated_probability=1.0 if name in matched else 0.0,
+        )
+    if matched:
+        result.label = matched[0]
+        result.labels.extend(matched)
+    _finish(report, fitted, tally, reserve=reserve)
+    result.context.CopyFrom(report)
+    result.usage.CopyFrom(tally.usage())
+    return result
+
+
+def _finish(report: tasks_pb2.ContextReport, fitted: Fitted, tally: Tally, reserve: int) -> None:
+    report.prompt_tokens = len(fitted.ids)
+    report.examples_used = fitted.examples_used
+    report.max_new_tokens = reserve
+    report.max_prompt_tokens = tally.max_prompt
+    report.model_calls = tally.calls
+
+
+_SEPARATORS = re.compile(r"[,;\n]|\band\b")
+_EDGE = " \t\r\n.:!?\"'`*()[]-"
+
+
+def map_labels(text: str, names: Sequence[str], multi_label: bool) -> list[str]:
+    """Labels named by generated text: exact, then case-insensitive, then prefix match (the reply starts with a
+    label name, or is the start of exactly one). Multi-label: each comma/semicolon/line-separated piece."""
+    pieces = [p for p in (_SEPARATORS.split(text) if multi_label else [text.splitlines()[0] if text else ""])]
+    found: list[str] = []
+    for piece in pieces:
+        label = _match_one(piece.strip(_EDGE), names)
+        if label is not None and label not in found:
+            found.append(label)
+    return found if multi_label else found[:1]
+
+
+def _match_one(piece: str, names: Sequence[str]) -> str | None:
+    if not piece:
+        return None
+    if piece in names:
+        return piece
+    lowered = piece.lower()
+    for name in names:
+        if name.lower() == lowered:
+            return name
+    starts = [n for n in names if lowered.startswith(n.lower())]
+    if starts:
+        return max(starts, key=len)
+    prefixed = [n for n in names if n.lower().startswith(lowered)]
+    return prefixed[0] if len(prefixed) == 1 else None

@@ -1,0 +1,245 @@
+"""The task service's view of the tokenizer and inference services: gRPC stubs with the caller's deadline,
+request id and API key, model facts cached, and upstream failures turned into the task service's own errors.
+
+Why gRPC and not in-process calls: the task service scales separately from inference (GPU nodes) and the
+tokenizer; `genloom serve all` points both targets at its own port, so one code path serves every deployment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import json
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from genloom.services.server import errors
+from genloom.services.server.interceptors import request_id_var
+from genloom.services.tasks.settings import TasksSettings
+from genloom.v1 import (
+    inference_pb2,
+    inference_pb2_grpc,
+    tokenizer_pb2,
+    tokenizer_pb2_grpc,
+)
+
+#: Monotonic deadline of the task RPC being served (None: the caller set none). Every upstream call gets the
+#: time that is left, so a task never outlives its caller's deadline.
+deadline_var: contextvars.ContextVar[float | None] = contextvars.ContextVar("genloom_task_deadline", default=None)
+
+# Upstream calls are retried by grpc itself on UNAVAILABLE (a replica restarting, a connection reset): tasks are
+# made of idempotent calls, and a transparent retry is cheaper than failing a whole map/reduce.
+_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{"service": "genloom.v1.TokenizerService"}, {"service": "genloom.v1.InferenceService"}],
+                "retryPolicy": {
+                    "maxAttempts": 3,
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
+_CHANNEL_OPTIONS = [
+    ("grpc.service_config", _SERVICE_CONFIG),
+    ("grpc.enable_retries", 1),
+    ("grpc.lb_policy_name", "round_robin"),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 60_000),
+]
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What prompt building needs to know about a model (from the tokenizer service, cached)."""
+
+    name: str
+    context_window: int
+    has_chat_template: bool
+
+
+def remaining_timeout() -> float | None:
+    """Seconds left before the current task RPC's deadline; raises DeadlineExceeded when none are."""
+    deadline = deadline_var.get()
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise errors.DeadlineExceeded("the deadline passed before the task finished")
+    return left
+
+
+class Upstream:
+    """Channels to the tokenizer and inference services."""
+
+    def __init__(self, settings: TasksSettings) -> None:
+        self.settings = settings
+        self._local_target: str | None = None
+        self._local_api_key = ""
+        self._local_root_cert: bytes | None = None
+        self._channels: list[grpc.aio.Channel] = []
+        self.tokenizer: tokenizer_pb2_grpc.TokenizerServiceStub | None = None
+        self.inference: inference_pb2_grpc.InferenceServiceStub | None = None
+        self._facts: dict[str, ModelFacts] = {}
+        self._facts_lock = asyncio.Lock()
+        self._api_key = settings.upstream_api_key
+
+    def bind_local(self, target: str, api_key: str, root_cert: bytes | None) -> None:
+        """The address of the server hosting this service (used for targets left empty)."""
+        self._local_target = target
+        self._local_api_key = api_key
+        self._local_root_cert = root_cert
+
+    async def start(self) -> None:
+        tok_target, tok_local = self._target(self.settings.tokenizer_target, "GENLOOM_TASKS_TOKENIZER_TARGET")
+        inf_target, inf_local = self._target(self.settings.inference_target, "GENLOOM_TASKS_INFERENCE_TARGET")
+        tok_channel = self._channel(tok_target, tok_local)
+        inf_channel = (
+            tok_channel if (inf_target, inf_local) == (tok_target, tok_local) else self._channel(inf_target, inf_local)
+        )
+        self._channels = list({id(c): c for c in (tok_channel, inf_channel)}.values())
+        self.tokenizer = tokenizer_pb2_grpc.TokenizerServiceStub(tok_channel)
+        self.inference = inference_pb2_grpc.InferenceServiceStub(inf_channel)
+        if not self._api_key and (tok_local or inf_local):
+            self._api_key = self._local_api_key
+
+    def _target(self, configured: str, env: str) -> tuple[str, bool]:
+        if configured:
+            return configured, False
+        if self._local_target is None:
+            raise RuntimeError(f"{env} is not set and this server hosts no tokenizer/inference service to use")
+        return self._local_target, True
+
+    def _channel(self, target: str, local: bool) -> grpc.aio.Channel:
+        options = list(_CHANNEL_OPTIONS)
+        if local and self._local_root_cert is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates=self._local_root_cert)
+            return grpc.aio.secure_channel(target, credentials, options=options)
+        if not local and self.settings.upstream_tls:
+            return grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(), options=options)
+        return grpc.aio.insecure_channel(target, options=options)
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close()
+        self._channels = []
+
+    # -- calls ----------------------------------------------------------------------------------------------------
+
+    def _metadata(self) -> list[tuple[str, str]]:
+        metadata = [("x-request-id", request_id_var.get())]
+        if self._api_key:
+            metadata.append(("authorization", f"Bearer {self._api_key}"))
+        return metadata
+
+    async def _unary(self, service: str, method: Any, request: Any) -> Any:
+        try:
+            return await method(request, timeout=remaining_timeout(), metadata=self._metadata())
+        except grpc.aio.AioRpcError as err:
+            raise translate(err, service) from None
+
+    async def model_facts(self, model: str) -> ModelFacts:
+        """Context window and chat template of `model` ("" = the default), asked once per model."""
+        facts = self._facts.get(model)
+        if facts is not None:
+            return facts
+        async with self._facts_lock:
+            if model not in self._facts:
+                assert self.tokenizer is not None
+                info = await self._unary(
+                    "tokenizer",
+                    self.tokenizer.GetTokenizerInfo,
+                    tokenizer_pb2.GetTokenizerInfoRequest(model=model),
+                )
+                facts = ModelFacts(info.model, info.context_window, info.has_chat_template)
+                self._facts[model] = facts
+                self._facts[info.model] = facts
+            return self._facts[model]
+
+    async def tokenize(
+        self, model: str, inputs: Sequence[tokenizer_pb2.TokenizerInput], *, offsets: bool = False
+    ) -> list[tokenizer_pb2.TokenizeResult]:
+        assert self.tokenizer is not None
+        request = tokenizer_pb2.TokenizeRequest(
+            model=model, inputs=inputs, add_special_tokens=False, return_offsets=offsets
+        )
+        response = await self._unary("tokenizer", self.tokenizer.Tokenize, request)
+        return list(response.results)
+
+    async def count(self, model: str, inputs: Sequence[tokenizer_pb2.TokenizerInput]) -> list[int]:
+        assert self.tokenizer is not None
+        request = tokenizer_pb2.CountTokensRequest(model=model, inputs=inputs, add_special_tokens=False)
+        response = await self._unary("tokenizer", self.tokenizer.CountTokens, request)
+        return list(response.counts)
+
+    async def generate(self, request: inference_pb2.GenerateRequest) -> inference_pb2.GenerateResponse:
+        assert self.inference is not None
+        return await self._unary("inference", self.inference.Generate, request)  # type: ignore[no-any-return]
+
+    async def generate_stream(
+        self, request: inference_pb2.GenerateStreamRequest
+    ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
+        assert self.inference is not None
+        call = self.inference.GenerateStream(request, timeout=remaining_timeout(), metadata=self._metadata())
+        try:
+            async for message in call:
+                yield message
+        except grpc.aio.AioRpcError as err:
+            raise translate(err, "inference") from None
+        finally:
+            call.cancel()
+
+    async def score(self, request: inference_pb2.ScoreRequest) -> inference_pb2.ScoreResponse:
+        assert self.inference is not None
+        return await self._unary("inference", self.inference.Score, request)  # type: ignore[no-any-return]
+
+
+def translate(err: grpc.aio.AioRpcError, service: str) -> errors.ServiceError:
+    """An upstream failure as the task service's error: the caller's mistakes keep their status (bad sampling
+    parameters, unknown model), a missing or failing dependency is UNAVAILABLE."""
+    code = err.code()
+    details = err.details() or code.name
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return errors.InvalidArgument(details)
+    if code == grpc.StatusCode.NOT_FOUND:
+        return errors.NotFound(details)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return errors.DeadlineExceeded(f"the {service} service did not answer before the deadline")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return errors.ResourceExhausted(f"the {service} service is overloaded: {details}", _retry_after(err))
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return errors.FailedPrecondition(details)
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return errors.Unavailable(
+            f"the task service is not allowed to call the {service} service ({details}); "
+            "check GENLOOM_TASKS_UPSTREAM_API_KEY"
+        )
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return errors.Unavailable(
+            f"no {service} service at the configured target; set GENLOOM_TASKS_{service.upper()}_TARGET"
+        )
+    return errors.Unavailable(f"the {service} service is unavailable: {details}")
+
+
+def _retry_after(err: grpc.aio.AioRpcError) -> float:
+    from google.rpc import error_details_pb2, status_pb2
+
+    for key, value in err.trailing_metadata() or ():
+        if key != "grpc-status-details-bin":
+            continue
+        status = status_pb2.Status.FromString(value)
+        for detail in status.details:
+            info = error_details_pb2.RetryInfo()
+            if detail.Unpack(info):
+                return info.retry_delay.ToNanoseconds() / 1e9
+    return 1.0
