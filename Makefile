@@ -62,6 +62,8 @@ lint: install
 bench: install
 	$(BIN)/python benchmarks/tokenizer.py
 	$(BIN)/python benchmarks/inference.py
+	$(BIN)/python benchmarks/classify.py
+	$(BIN)/python benchmarks/tasks.py
 
 clean:
 	rm -f sdk/genloom/v1/*_pb2.py sdk/genloom/v1/*_pb2.pyi sdk/genloom/v1/*_pb2_grpc.py
