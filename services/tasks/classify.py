@@ -4,9 +4,11 @@ multi-label asks Yes/No per label. GENERATE: the model writes the label(s), mapp
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from genloom.services.tasks.context import Fitted, Tally, TaskContext, generate_request, sampling_for, softmax
 from genloom.services.tasks.prompts import (
@@ -46,7 +48,7 @@ class ClassifyOptions:
             text, self.labels, self.examples, multi_label=self.multi_label, instruction=self.instruction
         )
 
-    def question(self, text: str, label: str) -> PromptSpec:
+    def question(self, text: str, *, label: str) -> PromptSpec:
         return label_question_prompt(text, label, self.labels, self.examples, instruction=self.instruction)
 
 
@@ -83,7 +85,7 @@ async def _label_tokens(ctx: TaskContext, candidates: Sequence[str]) -> int:
 async def _fit(
     ctx: TaskContext,
     key: object,
-    spec_for: object,
+    spec_for: Callable[[str], PromptSpec],
     text: str,
     reserve: int,
     options: ClassifyOptions,
@@ -92,7 +94,6 @@ async def _fit(
 ) -> Fitted:
     """The text's prompt with the examples that fit; the text truncated per the request when it does not fit
     alone (classification never chunks: one decision needs the whole text in one prompt)."""
-    assert callable(spec_for)
     measured = await ctx.measure(spec_for(text), text)
     report.input_tokens = measured.input_tokens
     fitted = await ctx.fit(key, measured, reserve)
@@ -193,22 +194,17 @@ async def _score_multi(
     prefix = reply_prefix(ctx.chat)
     candidates = [prefix + YES, prefix + NO]
     reserve = await _label_tokens(ctx, candidates)
-    fitted = []
-    for name in options.names:
-        label_report = tasks_pb2.ContextReport()
-        fitted.append(
-            await _fit(
-                ctx,
-                ("multi", name),
-                lambda t, n=name: options.question(t, n),
-                text,
-                reserve,
-                options,
-                field,
-                label_report,
+    reports = [tasks_pb2.ContextReport() for _ in options.names]
+    fitted = list(
+        await asyncio.gather(
+            *(
+                _fit(ctx, ("multi", name), partial(options.question, label=name), text, reserve, options, field, r)
+                for name, r in zip(options.names, reports, strict=True)
             )
         )
-        report.input_tokens = label_report.input_tokens
+    )
+    report.input_tokens = reports[0].input_tokens
+    for label_report in reports:
         if label_report.truncated:
             report.truncated = True
             report.truncation_side = label_report.truncation_side
