@@ -1,21 +1,48 @@
 """`make demo`: start genloom on the default model, use it through the SDK, print the results, shut down.
 
 Starts `genloom serve all` (every service on one port) as a child process on a free port, waits until it is
-healthy, calls it with `genloom.Client`, then stops it with SIGTERM and checks that it exited cleanly.
+healthy, calls it with `genloom.Client` (tokenizer, inference, then the task service: summarize, answer,
+classify), then stops it with SIGTERM and checks that it exited cleanly.
 """
 
 from __future__ import annotations
 
 import sys
+import textwrap
 
 import genloom
 from genloom.services.server.process import ServerProcess
+from genloom.types.tasks import ClassifyResult, ContextReport
 
 SENTENCE = "genloom turns a language model into dependable task endpoints. Héllo, 世界!"
 CHAT = [
     {"role": "system", "content": "You answer in one short sentence."},
     {"role": "user", "content": "What does a tokenizer do?"},
 ]
+
+# The task service's inputs: a short paragraph to summarize (and one worked example for one-shot), a passage to
+# answer a question from, and texts to classify.
+PARAGRAPH = (
+    "The quarterly planning meeting moved from Monday to Friday because the large conference room was booked. "
+    "Everyone must bring a laptop. The agenda covers the budget, hiring for the data team and the office move."
+)
+SUMMARY_EXAMPLE = (
+    "The bakery on Elm Street will close for two weeks in August for renovations. It reopens on September 1 with "
+    "a larger kitchen.",
+    "The Elm Street bakery closes for August renovations and reopens September 1.",
+)
+PASSAGE = (
+    "The Loom Bridge crosses the river Weft in the town of Heddle. It was built in 1887 by the guild of weavers, "
+    "who paid for it with a tax on wool. The bridge is 140 metres long and was rebuilt in stone after the flood "
+    "of 1924."
+)
+QUESTION = "Who built the Loom Bridge?"
+REVIEWS = [
+    "I love this film, it was wonderful and moving.",
+    "Terrible acting, boring plot, a waste of time.",
+    "The soundtrack was great but the story dragged on.",
+]
+LABELS = ["positive", "negative"]
 
 
 def main() -> int:
@@ -72,10 +99,72 @@ def main() -> int:
                 key=lambda pair: -pair[0].sum_logprob,
             )
             print("  score:    " + ", ".join(f"{text.strip()} {c.sum_logprob:.2f}" for c, text in ranked))
+
+            show_tasks(client)
         print("\nstopping the server (SIGTERM)...")
     code = server.stop()
     print(f"server exited with code {code}")
     return code
+
+
+def wrap(text: str, indent: str = "    ") -> str:
+    return textwrap.fill(" ".join(text.split()), width=110, initial_indent=indent, subsequent_indent=indent)
+
+
+def context_line(context: ContextReport) -> str:
+    return (
+        f"{context.examples_used} of {context.examples_given} examples used, {context.prompt_tokens}-token prompt "
+        f"of a {context.context_window}-token window, {context.model_calls} model call(s)"
+    )
+
+
+def classification_table(texts: list[str], results: list[ClassifyResult], calibrated: bool = False) -> None:
+    print(f"    {'text':<52}" + "".join(f"{label:>10}" for label in LABELS) + "  -> label")
+    for text, result in zip(texts, results, strict=True):
+        row = f"    {text:<52}" + "".join(f"{p.probability:>10.3f}" for p in result.probabilities)
+        row += f"  -> {result.label}"
+        if calibrated:
+            before = " / ".join(f"{p.uncalibrated_probability:.3f}" for p in result.probabilities)
+            row += f"  (before calibration: {before})"
+        print(row)
+
+
+def show_tasks(client: genloom.Client) -> None:
+    """Summarize, answer and classify through the task service (which calls the tokenizer and inference services)."""
+    print("\ntasks (prompts built, measured against the context window and sent by the task service):")
+    print(f"  document to summarize:\n{wrap(PARAGRAPH)}")
+    zero = client.tasks.summarize(PARAGRAPH, target_words=20, max_new_tokens=48).results[0]
+    print(f"  summarize, zero-shot ({context_line(zero.context)}):\n{wrap(zero.summary)}")
+    one = client.tasks.summarize(PARAGRAPH, examples=[SUMMARY_EXAMPLE], target_words=20, max_new_tokens=48).results[0]
+    print(f"  summarize, one-shot ({context_line(one.context)}):\n{wrap(one.summary)}")
+
+    (answer,) = client.tasks.answer(QUESTION, context=PASSAGE, max_new_tokens=32).results
+    print(f"\n  answer from a context passage:\n{wrap(PASSAGE)}")
+    print(f"    question: {QUESTION!r}")
+    scored_answer = f"{answer.answer!r} (mean token log-probability {answer.score:.2f})"
+    print(textwrap.fill(scored_answer, width=110, initial_indent="    answer:   ", subsequent_indent=" " * 14))
+    if answer.support is not None:
+        support = answer.support
+        print(
+            f"    supported by chunk {support.chunk_index}, characters [{support.start}, {support.end}) of the passage:"
+        )
+        print(wrap(support.text, "      "))
+        needle = answer.answer.strip().rstrip(".")
+        found = PASSAGE.find(needle, support.start, support.end) if needle else -1
+        if found >= 0:
+            print(f"    the answer appears verbatim at characters [{found}, {found + len(needle)}) of the passage")
+
+    print(f"\n  classify {len(REVIEWS)} texts (score method: the softmax of each label's log-probability):")
+    scored = client.tasks.classify(REVIEWS, labels=LABELS)
+    classification_table(REVIEWS, scored.results, calibrated=False)
+    calibrated = client.tasks.classify(REVIEWS, labels=LABELS, calibrate=True)
+    prior = ", ".join(f"{p.label} {p.content_free_probability:.3f}" for p in calibrated.results[0].probabilities)
+    print(f"  the same with calibrate=True: divided by the content-free prior ({prior}), renormalized:")
+    classification_table(REVIEWS, calibrated.results, calibrated=True)
+    print(
+        f"    ({scored.usage.prompt_tokens} prompt tokens without calibration, "
+        f"{calibrated.usage.prompt_tokens} with its extra content-free scorings)"
+    )
 
 
 if __name__ == "__main__":

@@ -81,3 +81,23 @@ export function serverStream(client, method, request, onMessage = () => {}, time
     call.on("end", () => resolve(messages));
   });
 }
+
+/**
+ * Runs a client's main(): prints its result as one JSON line on stdout (exit 0), or the error with its gRPC
+ * status on stderr (exit 1); closes every client either way.
+ * @param {string} name the client's name, for error messages
+ * @param {() => Promise<unknown>} main
+ */
+export async function runMain(name, main) {
+  try {
+    const result = await main();
+    process.stdout.write(`${JSON.stringify(result)}\n`);
+    process.exitCode = 0;
+  } catch (error) {
+    const status = typeof error?.code === "number" ? ` (gRPC status ${error.code}: ${error.details})` : "";
+    process.stderr.write(`${name}: ${error?.stack ?? error}${status}\n`);
+    process.exitCode = 1;
+  } finally {
+    closeAll();
+  }
+}

@@ -4,7 +4,7 @@
 // Prints ONE JSON object on stdout (the streamed text, token ids, message kinds and the finish) and exits 0; on
 // any error prints it on stderr and exits 1.
 
-import { closeAll, connect, loadService, serverStream } from "./grpc_helpers.mjs";
+import { connect, loadService, serverStream, runMain } from "./grpc_helpers.mjs";
 
 export const REQUEST = {
   request_id: "node-stream-1",
@@ -33,14 +33,4 @@ async function main() {
   };
 }
 
-try {
-  const result = await main();
-  process.stdout.write(`${JSON.stringify(result)}\n`);
-  process.exitCode = 0;
-} catch (error) {
-  const status = typeof error?.code === "number" ? ` (gRPC status ${error.code}: ${error.details})` : "";
-  process.stderr.write(`inference_stream_client: ${error?.stack ?? error}${status}\n`);
-  process.exitCode = 1;
-} finally {
-  closeAll();
-}
+await runMain("inference_stream_client", main);

@@ -7,7 +7,7 @@
 // The shared helpers (loading services from the protos, deadlines, unary and streaming calls) are in
 // grpc_helpers.mjs; inference_stream_client.mjs streams InferenceService.GenerateStream the same way.
 
-import { closeAll, connect, grpc, loadService, unary } from "./grpc_helpers.mjs";
+import { connect, grpc, loadService, unary, runMain } from "./grpc_helpers.mjs";
 
 // The inputs: two plain texts (one with multi-byte UTF-8, including a character outside the BMP, which is a
 // surrogate pair in JavaScript strings) and one conversation, as TokenizerInput messages.
@@ -57,14 +57,4 @@ async function main() {
   };
 }
 
-try {
-  const result = await main();
-  process.stdout.write(`${JSON.stringify(result)}\n`);
-  process.exitCode = 0;
-} catch (error) {
-  const status = typeof error?.code === "number" ? ` (gRPC status ${error.code}: ${error.details})` : "";
-  process.stderr.write(`tokenizer_client: ${error?.stack ?? error}${status}\n`);
-  process.exitCode = 1;
-} finally {
-  closeAll();
-}
+await runMain("tokenizer_client", main);
