@@ -41,11 +41,19 @@ class TaskStack:
 
 
 async def start_stack(
-    engine: Any, model_dir: Path, data_root: Path, window: int = 0, **task_settings: Any
+    engine: Any,
+    model_dir: Path,
+    data_root: Path,
+    window: int = 0,
+    tokenizer_model: str = DEFAULT_MODEL,
+    **task_settings: Any,
 ) -> TaskStack:
+    """`tokenizer_model`: what the tokenizer service serves as its default model (the inference service always
+    serves `engine`): a directory with the same vocabulary but no chat template exercises plain-text prompts."""
     models = ModelSettings(model=DEFAULT_MODEL, model_cache=model_dir.parent, max_model_len=window)
+    tokenizer_models = ModelSettings(model=tokenizer_model, model_cache=model_dir.parent, max_model_len=window)
     services = [
-        TokenizerServicer.from_settings(models, TokenizerSettings()),
+        TokenizerServicer.from_settings(tokenizer_models, TokenizerSettings()),
         InferenceServicer(models, InferenceSettings(), engine=engine),
         TaskServicer(TasksSettings(data_root=data_root, **task_settings)),
     ]

@@ -399,6 +399,35 @@ async def test_unanswerable_is_a_flag_not_an_answer(tasks: TaskStack) -> None:
     assert result.unanswerable and result.answer == "" and not result.HasField("support")
 
 
+async def test_models_without_a_chat_template_get_plain_prompts(
+    hf_engine: Any, default_model_dir: Path, small_model_dir: Path, data_root: Path
+) -> None:
+    # The tokenizer serves a copy of the default model's tokenizer without its chat template (same vocabulary, a
+    # 512-token window), so the task service renders "Answer:"-cued plain text for the same weights.
+    stack = await start_stack(hf_engine, default_model_dir, data_root, tokenizer_model=str(small_model_dir))
+    try:
+        classified = await stack.stub.Classify(
+            tasks_pb2.ClassifyRequest(texts=REVIEWS, labels=POS_NEG, examples=EXAMPLES[:2])
+        )
+        for result in classified.results:
+            assert math.isclose(sum(p.probability for p in result.probabilities), 1.0, abs_tol=1e-9)
+            assert result.context.examples_used == 2 and result.context.context_window == SMALL_WINDOW
+        summary = await stack.stub.Summarize(
+            tasks_pb2.SummarizeRequest(documents=[MEETING], sampling=inference_pb2.SamplingParams(max_new_tokens=48))
+        )
+        text = summary.results[0].summary
+        assert text and "\n\n" not in text  # a blank line ends a plain-text reply
+        answered = await stack.stub.Answer(
+            tasks_pb2.AnswerRequest(
+                items=[tasks_pb2.AnswerItem(question="Which day is the meeting on?", context=MEETING)],
+                sampling=inference_pb2.SamplingParams(max_new_tokens=16),
+            )
+        )
+        assert answered.results[0].answer and "\n" not in answered.results[0].answer
+    finally:
+        await stop_stack(stack)
+
+
 # -- Errors, deadlines, cancellation ---------------------------------------------------------------------------
 
 
