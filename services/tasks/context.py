@@ -39,12 +39,6 @@ class Tally:
         self.calls += 1
         self.max_prompt = max(self.max_prompt, prompt)
 
-    def merge(self, other: Tally) -> None:
-        self.prompt_tokens += other.prompt_tokens
-        self.completion_tokens += other.completion_tokens
-        self.calls += other.calls
-        self.max_prompt = max(self.max_prompt, other.max_prompt)
-
     def usage(self) -> common_pb2.Usage:
         return common_pb2.Usage(
             prompt_tokens=self.prompt_tokens,
