@@ -16,7 +16,11 @@ prompts (the task's prompt builder, tokenized by the tokenizer service) sent by 
 InferenceService.Score call per batch, while the task service sends one Score call per text. The gap between
 "score" and "direct" is what batching the texts of a request into one Score call would be worth on that engine.
 
-    python benchmarks/classify.py [--engines hf,vllm] [--texts 200] [--batch-size 32] [--shots 0,3] [--repeats 3]
+    python benchmarks/classify.py [--engines hf,vllm] [--texts 200] [--batch-size 32] [--shots 0,3] [--repeats 1]
+                                  [--threads N] [--no-direct]
+
+Runtime on a 2-core CPU with the defaults: about 5 minutes for hf, 8 for vllm (its SCORE passes are the slow part;
+--no-direct or --shots 3 shorten it). Use --repeats 3 for medians on a shared machine.
 """
 
 from __future__ import annotations
@@ -253,7 +257,7 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=32, help="texts per Classify call (server max 64)")
     parser.add_argument("--shots", default="0,3", help="comma-separated example counts, one configuration each")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=1, help="passes over the texts per method (median)")
     parser.add_argument("--max-batch-size", type=int, default=32, help="GENLOOM_MAX_BATCH_SIZE of the server")
     parser.add_argument(
         "--threads",

@@ -17,7 +17,7 @@ paths use raw gRPC stubs on one channel. Requests alternate task, direct, task, 
 "added min" is min(task) - min(direct): other load on the machine only ever adds time, so the fastest runs of each
 path are the least disturbed estimate of the work each path needs.
 
-    python benchmarks/tasks.py [--engine hf] [--repeats 60] [--new-tokens 8] [--scenarios classify,answer,summarize]
+    python benchmarks/tasks.py [--engine hf] [--repeats 100] [--new-tokens 4] [--scenarios classify,answer,summarize]
 
 Target (issue): the task layer adds <= 5 ms per request (median).
 """
@@ -198,9 +198,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engine", default="hf", help="GENLOOM_ENGINE of the server (hf, vllm, auto)")
     parser.add_argument("--scenarios", default="classify,answer,summarize")
-    parser.add_argument("--repeats", type=int, default=60, help="(task, direct) pairs per scenario")
+    parser.add_argument("--repeats", type=int, default=100, help="(task, direct) pairs per scenario")
     parser.add_argument("--warmup", type=int, default=4, help="unmeasured pairs first (also the equality checks)")
-    parser.add_argument("--new-tokens", type=int, default=8, help="max_new_tokens of answer and summarize")
+    parser.add_argument("--new-tokens", type=int, default=4, help="max_new_tokens of answer and summarize")
     parser.add_argument(
         "--threads", type=int, default=0, help="OMP_NUM_THREADS of the server (0 = the runtime's default)"
     )
