@@ -60,14 +60,67 @@ class _Scored:
     logprobs: list[float]
 
 
-async def classify(ctx: TaskContext, text: str, options: ClassifyOptions, field: str) -> tasks_pb2.ClassifyResult:
+async def classify(
+    ctx: TaskContext, text: str, options: ClassifyOptions, field: str, batch: ScoreBatch | None = None
+) -> tasks_pb2.ClassifyResult:
+    """One text's classification. `batch`: the request's ScoreBatch, so that single-label SCORE prompts of all
+    its texts are scored together (None: this text's prompt is scored on its own)."""
     tally = Tally()
     report = tasks_pb2.ContextReport(context_window=ctx.window, examples_given=len(options.examples))
     if options.method == tasks_pb2.CLASSIFY_METHOD_GENERATE:
         return await _generate(ctx, text, options, field, report, tally)
     if options.multi_label:
         return await _score_multi(ctx, text, options, field, report, tally)
-    return await _score_single(ctx, text, options, field, report, tally)
+    return await _score_single(ctx, text, options, field, report, tally, batch)
+
+
+class ScoreBatch:
+    """The single-label SCORE prompts of one Classify request, sent once every text has its prompt, in as few
+    Score calls as the inference limits allow: the engine then runs one batched prefill instead of one small
+    forward per text (benchmarks/classify.py)."""
+
+    #: InferenceService's default Score limits (GENLOOM_SCORE_MAX_ITEMS / _SCORE_MAX_CANDIDATES).
+    MAX_ITEMS = 64
+    MAX_CANDIDATES = 256
+
+    def __init__(self, ctx: TaskContext, expected: int) -> None:
+        self._ctx = ctx
+        self._expected = expected
+        self._pending: list[tuple[Fitted, asyncio.Future[tuple[list[float], int]]]] = []
+
+    async def score(self, fitted: Fitted, candidates: Sequence[str], mean: bool) -> tuple[list[float], int]:
+        """The candidates' log-probabilities after `fitted`'s prompt, and its prompt tokens."""
+        future: asyncio.Future[tuple[list[float], int]] = asyncio.get_running_loop().create_future()
+        self._pending.append((fitted, future))
+        if len(self._pending) == self._expected:
+            await self._flush(candidates, mean)
+        return await future
+
+    async def _flush(self, candidates: Sequence[str], mean: bool) -> None:
+        pending, self._pending = self._pending, []
+        size = max(1, min(self.MAX_ITEMS, self.MAX_CANDIDATES // len(candidates)))
+        groups = [pending[i : i + size] for i in range(0, len(pending), size)]
+        try:
+            responses = await asyncio.gather(
+                *(
+                    self._ctx.score(
+                        inference_pb2.ScoreRequest(
+                            model=self._ctx.model, items=[_score_item(f, candidates) for f, _ in group]
+                        )
+                    )
+                    for group in groups
+                )
+            )
+        except BaseException as err:
+            for _, future in pending:
+                if not future.done():
+                    future.set_exception(err)
+                    future.exception()  # retrieved: each waiter re-raises it
+            raise
+        for group, response in zip(groups, responses, strict=True):
+            for (_, future), result in zip(group, response.results, strict=True):
+                values = [c.mean_logprob if mean else c.sum_logprob for c in result.candidates]
+                future.set_result((values, result.prompt_tokens))
 
 
 async def _label_tokens(ctx: TaskContext, candidates: Sequence[str]) -> int:
@@ -157,12 +210,18 @@ async def _score_single(
     field: str,
     report: tasks_pb2.ContextReport,
     tally: Tally,
+    batch: ScoreBatch | None,
 ) -> tasks_pb2.ClassifyResult:
     prefix = reply_prefix(ctx.chat)
     candidates = [prefix + name for name in options.names]
     reserve = await _label_tokens(ctx, candidates)
     fitted = await _fit(ctx, "classify", options.prompt, text, reserve, options, field, report)
-    (scored,) = await _score(ctx, [fitted], candidates, options.normalize_by_length, tally)
+    if batch is None:
+        (scored,) = await _score(ctx, [fitted], candidates, options.normalize_by_length, tally)
+    else:
+        values, prompt_tokens = await batch.score(fitted, candidates, options.normalize_by_length)
+        tally.add(prompt_tokens)
+        scored = _Scored(fitted, values)
     probs = softmax(scored.logprobs)
     prior = [0.0] * len(probs)
     calibrated = probs

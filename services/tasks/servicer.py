@@ -12,7 +12,7 @@ import grpc
 
 from genloom.services.server.errors import InvalidArgument
 from genloom.services.tasks.answer import AnswerOptions, answer
-from genloom.services.tasks.classify import DEFAULT_THRESHOLD, ClassifyOptions, classify
+from genloom.services.tasks.classify import DEFAULT_THRESHOLD, ClassifyOptions, ScoreBatch, classify
 from genloom.services.tasks.context import TaskContext, resolve_strategy
 from genloom.services.tasks.settings import TasksSettings
 from genloom.services.tasks.summarize import SummarizeOptions, summarize
@@ -118,7 +118,10 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
         _set_deadline(context)
         options = self.classify_options(request)
         ctx = await self._context(request.model, request.strategy, len(request.examples), request.max_examples)
-        results = await _gather([classify(ctx, t, options, f"texts[{i}]") for i, t in enumerate(request.texts)])
+        batch = None
+        if options.method == tasks_pb2.CLASSIFY_METHOD_SCORE and not options.multi_label:
+            batch = ScoreBatch(ctx, len(request.texts))
+        results = await _gather([classify(ctx, t, options, f"texts[{i}]", batch) for i, t in enumerate(request.texts)])
         response = tasks_pb2.ClassifyResponse(model=ctx.model_ref(), results=results)
         response.usage.CopyFrom(_total_usage(r.usage for r in results))
         return response
