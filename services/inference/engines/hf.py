@@ -36,8 +36,7 @@ share a prefix (a task's instruction and examples) prefill it once, its KV share
 benchmarks/classify.py (2-core CPU, one torch thread, ~88-token prompts, 3 one-token labels): one Score call per
 text went from 1.6 to 3.9 texts/s (before, each candidate ran prompt+label in full); 32 texts in one Score call
 (what the task service sends for a Classify batch) run at 12-15 texts/s. Calls are not merged with each other:
-batched numerics
-differ in the 5th decimal of a log-probability, and the same call is expected to give the same numbers.
+batched numerics differ in the 5th decimal of a log-probability, and the same call should give the same numbers.
 """
 
 from __future__ import annotations
