@@ -119,7 +119,7 @@ class ScoreBatch:
             raise
         for group, response in zip(groups, responses, strict=True):
             for (_, future), result in zip(group, response.results, strict=True):
-                values = [c.mean_logprob if mean else c.sum_logprob for c in result.candidates]
+                values = _candidate_values(result, mean)
                 future.set_result((values, result.prompt_tokens))
 
 
@@ -159,6 +159,11 @@ async def _fit(
     return fitted
 
 
+def _candidate_values(result: inference_pb2.ScoreItemResult, mean: bool) -> list[float]:
+    """Each candidate's summed (or, with `mean`, per-token mean) log-probability."""
+    return [c.mean_logprob if mean else c.sum_logprob for c in result.candidates]
+
+
 def _score_item(fitted: Fitted, candidates: Sequence[str]) -> inference_pb2.ScoreItem:
     return inference_pb2.ScoreItem(
         prompt=inference_pb2.Prompt(token_ids=tokenizer_pb2.TokenIds(ids=fitted.ids)), candidates=candidates
@@ -175,7 +180,7 @@ async def _score(
     for f, result in zip(fitted, response.results, strict=True):
         if tally is not None:
             tally.add(result.prompt_tokens)
-        values = [c.mean_logprob if mean else c.sum_logprob for c in result.candidates]
+        values = _candidate_values(result, mean)
         out.append(_Scored(f, values))
     return out
 
@@ -236,10 +241,7 @@ async def _score_single(
     top = max(range(len(calibrated)), key=lambda j: calibrated[j])
     result.label = options.names[top]
     result.labels.append(result.label)
-    _finish(report, fitted, tally, reserve=0)
-    result.context.CopyFrom(report)
-    result.usage.CopyFrom(tally.usage())
-    return result
+    return _finish(result, report, fitted, tally, reserve=0)
 
 
 async def _score_multi(
@@ -290,11 +292,8 @@ async def _score_multi(
     order = sorted(range(len(probabilities)), key=lambda j: -probabilities[j])
     result.label = options.names[order[0]]
     result.labels.extend(options.names[j] for j in order if probabilities[j] >= options.threshold)
-    _finish(report, max(fitted, key=lambda f: len(f.ids)), tally, reserve=0)
-    report.examples_used = min(f.examples_used for f in fitted)
-    result.context.CopyFrom(report)
-    result.usage.CopyFrom(tally.usage())
-    return result
+    longest = max(fitted, key=lambda f: len(f.ids))
+    return _finish(result, report, longest, tally, reserve=0, examples_used=min(f.examples_used for f in fitted))
 
 
 async def _generate(
@@ -327,18 +326,27 @@ async def _generate(
     if matched:
         result.label = matched[0]
         result.labels.extend(matched)
-    _finish(report, fitted, tally, reserve=reserve)
-    result.context.CopyFrom(report)
-    result.usage.CopyFrom(tally.usage())
-    return result
+    return _finish(result, report, fitted, tally, reserve=reserve)
 
 
-def _finish(report: tasks_pb2.ContextReport, fitted: Fitted, tally: Tally, reserve: int) -> None:
+def _finish(
+    result: tasks_pb2.ClassifyResult,
+    report: tasks_pb2.ContextReport,
+    fitted: Fitted,
+    tally: Tally,
+    reserve: int,
+    examples_used: int | None = None,
+) -> tasks_pb2.ClassifyResult:
+    """Completes the report from the prompt that decided (`examples_used`: when not that prompt's count) and
+    attaches it and the usage to the result."""
     report.prompt_tokens = len(fitted.ids)
-    report.examples_used = fitted.examples_used
+    report.examples_used = fitted.examples_used if examples_used is None else examples_used
     report.max_new_tokens = reserve
     report.max_prompt_tokens = tally.max_prompt
     report.model_calls = tally.calls
+    result.context.CopyFrom(report)
+    result.usage.CopyFrom(tally.usage())
+    return result
 
 
 _SEPARATORS = re.compile(r"[,;\n]|\band\b")
