@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
+from genloom.services.finetune.settings import FinetuneSettings
 from genloom.services.inference.settings import InferenceSettings
 from genloom.services.server.settings import ModelSettings, ServerSettings, Settings, SettingsError
 from genloom.services.tasks.settings import TasksSettings
@@ -21,6 +22,7 @@ SETTINGS_CLASSES: tuple[type[Settings], ...] = (
     TokenizerSettings,
     InferenceSettings,
     TasksSettings,
+    FinetuneSettings,
 )
 
 
@@ -30,10 +32,11 @@ def build_services(  # type: ignore[no-untyped-def]
     tokenizer: TokenizerSettings,
     inference: InferenceSettings | None = None,
     tasks: TasksSettings | None = None,
+    finetune: FinetuneSettings | None = None,
 ) -> list:
     """The service objects for `which` ("all" or one of SERVICES)."""
+    from genloom.services.finetune.servicer import FineTuningServicer
     from genloom.services.inference.servicer import InferenceServicer
-    from genloom.services.server.placeholder import PlaceholderService
     from genloom.services.tasks.servicer import TaskServicer
     from genloom.services.tokenizer.servicer import TokenizerServicer
 
@@ -55,8 +58,8 @@ def build_services(  # type: ignore[no-untyped-def]
                         f"set its address or serve both here (genloom serve all)"
                     )
             services.append(TaskServicer(tasks))
-        else:  # not shipped yet: the contract is served, every RPC answers UNIMPLEMENTED
-            services.append(PlaceholderService(_descriptor(name)))
+        else:
+            services.append(FineTuningServicer(models, finetune or FinetuneSettings()))
     return services
 
 
@@ -67,20 +70,12 @@ def run(
     tokenizer: TokenizerSettings,
     inference: InferenceSettings,
     tasks: TasksSettings | None = None,
+    finetune: FinetuneSettings | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT. Raises if a service fails to start."""
     from genloom.services.server.app import GenloomServer
     from genloom.services.server.log_setup import configure_logging
 
     configure_logging(server.log_level, server.log_format)
-    app = GenloomServer(server, build_services(which, models, tokenizer, inference, tasks))
+    app = GenloomServer(server, build_services(which, models, tokenizer, inference, tasks, finetune))
     asyncio.run(app.serve_until_signal())
-
-
-def _descriptor(name: str):  # type: ignore[no-untyped-def]
-    import importlib
-
-    module, service = {
-        "finetune": ("finetune_pb2", "FineTuningService"),
-    }[name]
-    return importlib.import_module(f"genloom.v1.{module}").DESCRIPTOR.services_by_name[service]

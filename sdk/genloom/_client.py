@@ -7,6 +7,7 @@ from types import TracebackType
 from typing import Any
 
 from genloom._transport import _DEFAULT, DEFAULT_MAX_RETRIES, AsyncTransport, ClientOptions, SyncTransport
+from genloom.resources.finetune import AsyncFineTuning, FineTuning
 from genloom.resources.inference import AsyncInference, Inference
 from genloom.resources.tasks import AsyncTasks, Tasks
 from genloom.resources.tokenizer import AsyncTokenizer, Tokenizer
@@ -73,12 +74,15 @@ class Client(_ClientBase):
     """Generate (whole or streamed), score candidates, models and adapters."""
     tasks: Tasks
     """Summarize (whole or streamed), answer, classify; evaluate prompting strategies and models on a dataset."""
+    finetune: FineTuning
+    """Fine-tuning jobs (create, list, watch, wait, cancel, checkpoints) and hyperparameter sweeps."""
 
     def _connect(self) -> None:
         self._transport = SyncTransport(self._options)
         self.tokenizer = Tokenizer(self._transport)
         self.inference = Inference(self._transport)
         self.tasks = Tasks(self._transport)
+        self.finetune = FineTuning(self._transport)
 
     def close(self) -> None:
         """Close the channel; in-flight calls are cancelled."""
@@ -105,12 +109,15 @@ class AsyncClient(_ClientBase):
     """Generate (whole or streamed), score candidates, models and adapters."""
     tasks: AsyncTasks
     """Summarize (whole or streamed), answer, classify; evaluate prompting strategies and models on a dataset."""
+    finetune: AsyncFineTuning
+    """Fine-tuning jobs (create, list, watch, wait, cancel, checkpoints) and hyperparameter sweeps."""
 
     def _connect(self) -> None:
         self._transport = AsyncTransport(self._options)
         self.tokenizer = AsyncTokenizer(self._transport)
         self.inference = AsyncInference(self._transport)
         self.tasks = AsyncTasks(self._transport)
+        self.finetune = AsyncFineTuning(self._transport)
 
     async def close(self) -> None:
         """Close the channel; in-flight calls are cancelled."""

@@ -213,6 +213,12 @@ class ModelSettings(Settings):
     max_model_len: int = setting(
         0, env="MAX_MODEL_LEN", help="Cap on every model's context window in tokens. 0 = the model's own."
     )
+    redis_url: str = setting(
+        "redis://127.0.0.1:6379/0",
+        env="REDIS_URL",
+        help="Redis holding fine-tuning jobs, their events and the registry of fine-tuned models "
+        "(ft:<base>:<suffix>:<job-id> names); the Celery broker of the training queue too.",
+    )
     allow_model_paths: bool = setting(
         True,
         env="ALLOW_MODEL_PATHS",

@@ -1,0 +1,322 @@
+"""`genloom worker`: a Celery worker that trains the jobs on the training queue.
+
+The Celery task is thin: it takes a job id, reads the job from Redis, and runs it only if it can take the job's
+lease, so a job never trains twice at once however often its message is delivered. Long-job settings: the
+message is acknowledged only when the task returns (acks_late) and is handed back if the worker process is lost;
+one message is prefetched at a time; the broker's visibility timeout is longer than any job, so a slow job is not
+delivered to a second worker. A worker killed outright is detected through its lapsed lease instead (jobs.reap),
+and the job's next delivery resumes from its last checkpoint.
+
+The pool is `solo`: the task runs in the worker's main process, so no CUDA context is ever created in a process
+that later forks; run one worker process per GPU (CUDA_VISIBLE_DEVICES) and several per machine to share a queue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+
+from genloom.services.finetune import registry
+from genloom.services.finetune.jobs import Heartbeat, JobManager
+from genloom.services.finetune.settings import FinetuneSettings
+from genloom.services.finetune.store import TERMINAL, Store, message_event
+from genloom.services.server.settings import ModelSettings
+from genloom.v1 import finetune_pb2
+
+logger = logging.getLogger(__name__)
+
+S = finetune_pb2
+TRAIN_TASK = "genloom.finetune.train"
+# Tokenizer files copied next to a result so the directory is self-describing.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def make_celery(models: ModelSettings, settings: FinetuneSettings) -> Celery:
+    app = Celery("genloom", broker=models.redis_url, set_as_current=False)
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_connection_retry_on_startup=True,
+        task_default_queue=settings.queue,
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        worker_enable_remote_control=False,
+    )
+    return app
+
+
+def sender(app: Celery, settings: FinetuneSettings) -> Any:
+    def send(job_id: str) -> None:
+        app.send_task(TRAIN_TASK, args=[job_id], queue=settings.queue)
+
+    return send
+
+
+class _Hooks:
+    """What the training loop reports goes to Redis: metrics and checkpoints as events, the cancel flag back."""
+
+    def __init__(self, store: Store, job_id: str, beat: Heartbeat) -> None:
+        self.store, self.job_id, self.beat = store, job_id, beat
+
+    def cancelled(self) -> bool:
+        return self.beat.lost or self.store.cancel_flag(self.job_id)
+
+    def metrics(self, m: finetune_pb2.JobMetrics) -> None:
+        if m.HasField("validation_loss"):
+            text = f"step {m.step}/{m.total_steps} validation loss {m.validation_loss:.4f}"
+        else:
+            text = f"step {m.step}/{m.total_steps} loss {m.train_loss:.4f}"
+            if m.HasField("learning_rate"):
+                text += f" lr {m.learning_rate:.3g}"
+            if m.HasField("tokens_per_second"):
+                text += f" {m.tokens_per_second:,.0f} tok/s"
+        event = finetune_pb2.JobEvent(type=S.JOB_EVENT_TYPE_METRICS, level=S.JOB_EVENT_LEVEL_INFO, message=text)
+        event.metrics.CopyFrom(m)
+
+        def update(job: finetune_pb2.Job) -> list[finetune_pb2.JobEvent] | bool:
+            if job.state != S.JOB_STATE_RUNNING:
+                return False
+            merged = finetune_pb2.JobMetrics()
+            merged.CopyFrom(job.latest_metrics)
+            merged.MergeFrom(m)
+            job.latest_metrics.CopyFrom(merged)
+            job.trained_tokens = m.trained_tokens
+            if m.HasField("validation_loss") and (
+                not job.HasField("best_validation_loss") or m.validation_loss < job.best_validation_loss
+            ):
+                job.best_validation_loss = m.validation_loss
+            return [event]
+
+        self.store.update_job(self.job_id, update)
+
+    def checkpoint(self, ckpt: finetune_pb2.Checkpoint, kept: Any) -> None:
+        self.store.record_checkpoint(self.job_id, ckpt, kept)
+        event = finetune_pb2.JobEvent(
+            type=S.JOB_EVENT_TYPE_CHECKPOINT,
+            level=S.JOB_EVENT_LEVEL_INFO,
+            message=f"checkpoint {ckpt.name} saved",
+        )
+        event.checkpoint.CopyFrom(ckpt)
+        self.store.add_event(self.job_id, event)
+
+
+class Worker:
+    """Runs jobs; one instance per worker process."""
+
+    def __init__(self, models: ModelSettings, settings: FinetuneSettings, app: Celery, hostname: str) -> None:
+        self.models, self.settings, self.hostname = models, settings, hostname
+        self.store = Store.from_url(models.redis_url)
+        self.manager = JobManager(self.store, models, settings, sender(app, settings))
+        from genloom.services.finetune.sweeps import SweepController
+
+        self.sweeps = SweepController(self.manager)
+        self.manager.on_finished = self.sweeps.trial_finished
+
+    def run(self, job_id: str) -> str:
+        job = self.store.get_job(job_id)
+        if job is None:
+            return "unknown job"
+        if job.state in TERMINAL or job.state == S.JOB_STATE_VALIDATING:
+            return f"skipped ({S.JobState.Name(job.state)})"
+        token = uuid.uuid4().hex
+        if not self.store.acquire_lease("lease", job_id, token, self.settings.lease_seconds):
+            return "running on another worker"
+        beat = Heartbeat(self.store, "lease", job_id, token, self.settings.lease_seconds).start()
+        ended: finetune_pb2.Job | None = None
+        try:
+            ended = self._run(job_id, beat)
+        finally:
+            beat.stop()
+        if ended is not None:
+            self.manager.finished(ended)
+            return S.JobState.Name(ended.state)
+        return "stopped"
+
+    def _run(self, job_id: str, beat: Heartbeat) -> finetune_pb2.Job | None:
+        from genloom.services.finetune import training
+
+        job = self.store.get_job(job_id)
+        if job is None or job.state in TERMINAL:
+            return None
+        if self.store.cancel_flag(job_id):
+            done, moved = self.store.transition(
+                job_id,
+                S.JOB_STATE_CANCELLED,
+                allowed_from=[S.JOB_STATE_QUEUED, S.JOB_STATE_RUNNING],
+                message="cancelled",
+            )
+            return done if moved else None
+        out_dir = self.manager.job_dir(job_id) / "checkpoints"
+        resume = self._resume_point(job_id, out_dir)
+
+        def start(j: finetune_pb2.Job) -> None:
+            j.attempts += 1
+            j.worker = self.hostname
+            j.resumed_from_step = resume[0] if resume else 0
+            if not j.HasField("started_at"):
+                j.started_at.GetCurrentTime()
+
+        note = []
+        if resume:
+            note = [message_event(f"resuming from checkpoint-{resume[0]}", S.JOB_EVENT_LEVEL_WARNING)]
+        job, moved = self.store.transition(
+            job_id,
+            S.JOB_STATE_RUNNING,
+            allowed_from=[S.JOB_STATE_QUEUED, S.JOB_STATE_RUNNING],
+            message=f"running on {self.hostname}",
+            mutate=start,
+            extra_events=note,
+        )
+        if not moved or job is None:
+            return None
+        try:
+            base = self.manager.base_model(job.spec.base_model)
+            tok = self.manager.tokenizer(base)
+            found = self.manager.read_data(job, tok)
+            result_dir = self.manager.job_dir(job_id) / "result"
+            run = training.run(
+                method=job.spec.method,
+                hp=job.spec.hyperparameters,
+                base_path=base.path,
+                pad_id=_pad_id(tok),
+                train=found.train,
+                validation=found.validation,
+                out_dir=out_dir,
+                result_dir=result_dir,
+                hooks=_Hooks(self.store, job_id, beat),
+                resume_from=resume[1] if resume else None,
+                save_files=[base.path / f for f in _TOKENIZER_FILES if (base.path / f).is_file()],
+            )
+        except training.Unsupported as err:
+            return self.manager.fail(job_id, S.JOB_ERROR_CODE_UNSUPPORTED, str(err), [S.JOB_STATE_RUNNING])
+        except training.ModelUnavailable as err:
+            return self.manager.fail(job_id, S.JOB_ERROR_CODE_MODEL_UNAVAILABLE, str(err), [S.JOB_STATE_RUNNING])
+        except MemoryError:
+            return self.manager.fail(job_id, S.JOB_ERROR_CODE_OUT_OF_MEMORY, _OOM, [S.JOB_STATE_RUNNING])
+        except Exception as err:
+            if type(err).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError (CUDA)
+                return self.manager.fail(job_id, S.JOB_ERROR_CODE_OUT_OF_MEMORY, _OOM, [S.JOB_STATE_RUNNING])
+            if beat.lost:
+                return None
+            logger.exception("job %s failed", job_id)
+            return self.manager.fail(
+                job_id,
+                S.JOB_ERROR_CODE_INTERNAL,
+                f"training failed ({type(err).__name__}); see the worker log",
+                [S.JOB_STATE_RUNNING],
+            )
+        if beat.lost:  # the job was re-queued while this worker stalled: its new owner reports it
+            return None
+        if run.cancelled:
+            done, moved = self.store.transition(
+                job_id,
+                S.JOB_STATE_CANCELLED,
+                allowed_from=[S.JOB_STATE_RUNNING],
+                message=f"cancelled at step {run.steps}",
+            )
+            return done if moved else None
+        method = "full" if job.spec.method == S.FINE_TUNE_METHOD_FULL else "lora"
+        name = registry.model_name(job.spec.base_model, job.spec.suffix, job_id)
+        registry.register(
+            self.store.r,
+            registry.FineTunedModel(name, job.spec.base_model, method, str(run.result_path), job_id),
+        )
+
+        def succeed(j: finetune_pb2.Job) -> None:
+            j.result_model = name
+            j.result_path = str(run.result_path)
+            j.trained_tokens = run.trained_tokens
+            merged = finetune_pb2.JobMetrics()
+            merged.CopyFrom(j.latest_metrics)
+            merged.MergeFrom(run.final_metrics)
+            j.latest_metrics.CopyFrom(merged)
+            if run.best_validation_loss is not None:
+                j.best_validation_loss = run.best_validation_loss
+
+        done, moved = self.store.transition(
+            job_id,
+            S.JOB_STATE_SUCCEEDED,
+            allowed_from=[S.JOB_STATE_RUNNING],
+            message=f"succeeded after {run.steps} steps: {name}",
+            mutate=succeed,
+        )
+        return done if moved else None
+
+    def _resume_point(self, job_id: str, out_dir: Path) -> tuple[int, Path] | None:
+        """The newest checkpoint that was completely saved (recorded after Trainer wrote it) and is on disk."""
+        for ckpt in reversed(self.store.checkpoints(job_id)):
+            path = out_dir / ckpt.name
+            if (path / "trainer_state.json").is_file():
+                return int(ckpt.step), path
+        return None
+
+
+_OOM = "out of memory: lower batch_size or max_seq_length, or enable gradient_checkpointing"
+
+
+def _pad_id(tok: Any) -> int:
+    hf = tok.hf
+    for candidate in (hf.pad_token_id, hf.eos_token_id, 0):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def build(models: ModelSettings, settings: FinetuneSettings, hostname: str) -> tuple[Celery, Worker]:
+    app = make_celery(models, settings)
+    worker = Worker(models, settings, app, hostname)
+
+    @app.task(name=TRAIN_TASK, acks_late=True, reject_on_worker_lost=True)
+    def train(job_id: str) -> str:
+        outcome = worker.run(job_id)
+        logger.info("job %s: %s", job_id, outcome)
+        return outcome
+
+    return app, worker
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run a worker until SIGTERM (a warm shutdown: the running job finishes its step, and its message is
+    re-delivered because it is acknowledged only at the end)."""
+    parser = argparse.ArgumentParser(prog="genloom worker", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hostname", default=f"genloom-{os.getpid()}@{socket.gethostname()}")
+    parser.add_argument("--loglevel", default=os.environ.get("GENLOOM_LOG_LEVEL", "info"))
+    args = parser.parse_args(argv)
+    from genloom.services.server.log_setup import configure_logging
+
+    configure_logging(args.loglevel, os.environ.get("GENLOOM_LOG_FORMAT", "text"))
+    models = ModelSettings.from_env()
+    settings = FinetuneSettings.from_env()
+    app, worker = build(models, settings, args.hostname)
+    orphans = worker.manager.reap()  # jobs a previous worker left behind
+    for job_id in orphans:
+        worker.manager.validate(job_id)
+    app.worker_main(
+        [
+            "worker",
+            "--pool=solo",
+            f"--queues={settings.queue}",
+            f"--hostname={args.hostname}",
+            f"--loglevel={args.loglevel.upper()}",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ]
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
