@@ -1,14 +1,21 @@
 """`make demo`: start genloom on the default model, use it through the SDK, print the results, shut down.
 
-Starts `genloom serve all` (every service on one port) as a child process on a free port, waits until it is
-healthy, calls it with `genloom.Client` (tokenizer, inference, then the task service: summarize, answer,
-classify), then stops it with SIGTERM and checks that it exited cleanly.
+Starts `genloom serve all` (every service on one port) as a child process on a free port and a `genloom worker`
+(the Celery worker that trains fine-tuning jobs, through Redis), waits until they are ready, calls the server with
+`genloom.Client` (tokenizer, inference, the task service: summarize, answer, classify; then a small LoRA
+fine-tuning job on the default model, followed live, whose result is served by name through Classify), then stops
+both with SIGTERM and checks that they exited cleanly.
 """
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import sys
+import tempfile
 import textwrap
+import time
+from pathlib import Path
 
 import genloom
 from genloom.services.server.process import ServerProcess
@@ -43,14 +50,49 @@ REVIEWS = [
     "The soundtrack was great but the story dragged on.",
 ]
 LABELS = ["positive", "negative"]
+# A small labelled set for the fine-tuning job: classify records, trained on the task service's own prompt.
+TRAIN_POSITIVE = [
+    "A delightful film with a warm heart.",
+    "Brilliant performances from the whole cast.",
+    "I enjoyed every minute of it.",
+    "A beautiful, uplifting story.",
+    "Funny, clever and touching.",
+    "The best film I have seen this year.",
+    "Gorgeous photography and a great score.",
+    "A joy from start to finish.",
+    "Smart writing and lovely characters.",
+    "I would happily watch it again.",
+    "An inspiring and moving experience.",
+    "Charming, fresh and full of life.",
+]
+TRAIN_NEGATIVE = [
+    "A dull and lifeless film.",
+    "The acting was wooden and the plot made no sense.",
+    "I walked out halfway through.",
+    "Painfully slow and badly edited.",
+    "A complete waste of two hours.",
+    "Clumsy dialogue and flat characters.",
+    "The worst film I have seen this year.",
+    "Loud, messy and boring.",
+    "Nothing works in this tired sequel.",
+    "I regret buying a ticket.",
+    "Predictable, shallow and far too long.",
+    "An ugly, joyless mess.",
+]
 
 
 def main() -> int:
     print("starting `genloom serve all` on the default model (the model is converted on the first run, and the")
     print("inference engine loads and warms up: allow a minute)...")
     server = ServerProcess("all", ["--metrics-port", "-1"])
+    log = Path(tempfile.mkdtemp(prefix="genloom-demo-")) / "worker.log"
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "genloom.cli", "worker", "--hostname", "demo-worker@localhost"],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
     with server:
-        print(f"serving on {server.target}\n")
+        print(f"serving on {server.target}; fine-tuning worker pid {worker.pid} (log: {log})\n")
         with genloom.Client(target=server.target) as client:
             info = client.tokenizer.info()
             print(f"model           {info.model}")
@@ -101,10 +143,14 @@ def main() -> int:
             print("  score:    " + ", ".join(f"{text.strip()} {c.sum_logprob:.2f}" for c, text in ranked))
 
             show_tasks(client)
-        print("\nstopping the server (SIGTERM)...")
+            show_finetune(client, worker, log)
+        print("\nstopping the worker and the server (SIGTERM)...")
+        worker.send_signal(signal.SIGTERM)
+        worker_code = worker.wait(timeout=120)
+        print(f"worker exited with code {worker_code}")
     code = server.stop()
     print(f"server exited with code {code}")
-    return code
+    return code or worker_code
 
 
 def wrap(text: str, indent: str = "    ") -> str:
@@ -165,6 +211,46 @@ def show_tasks(client: genloom.Client) -> None:
         f"    ({scored.usage.prompt_tokens} prompt tokens without calibration, "
         f"{calibrated.usage.prompt_tokens} with its extra content-free scorings)"
     )
+
+
+def wait_worker_ready(worker: subprocess.Popen[bytes], log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while b"ready." not in log.read_bytes():
+        if worker.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the fine-tuning worker did not start:\n{log.read_text()[-2000:]}")
+        time.sleep(0.2)
+
+
+def show_finetune(client: genloom.Client, worker: subprocess.Popen[bytes], log: Path) -> None:
+    """A LoRA job on the default model through the queue, followed live, then served by name."""
+    wait_worker_ready(worker, log)
+    records = [{"text": t, "label": "positive"} for t in TRAIN_POSITIVE]
+    records += [{"text": t, "label": "negative"} for t in TRAIN_NEGATIVE]
+    records = [r for pair in zip(records[:12], records[12:], strict=True) for r in pair]  # interleaved
+    print(f"\nfine-tuning: a LoRA job on {len(records)} labelled reviews (task records, in Classify's own prompt)")
+    job = client.finetune.create(
+        records,
+        task="classify",
+        task_options={"labels": LABELS},
+        hyperparameters={"epochs": 3, "batch_size": 8, "learning_rate": 1e-3, "lora_rank": 8, "max_seq_length": 256},
+        validation_split=0.25,
+        suffix="reviews",
+    )
+    print(f"  created {job.id} ({job.state}); following its events:")
+    for event in client.finetune.watch(job.id):
+        m = event.metrics
+        if event.type == "metrics" and m is not None and m.train_loss is not None:
+            eta = f", eta {m.eta_seconds:.0f}s" if m.eta_seconds is not None else ""
+            rate = f", {m.tokens_per_second:.0f} tokens/s" if m.tokens_per_second else ""
+            print(f"    step {m.step}/{m.total_steps}  loss {m.train_loss:.3f}{rate}{eta}")
+        elif event.type != "metrics" or (m is not None and m.validation_loss is not None):
+            print(f"    [{event.type}] {event.message}")
+    job = client.finetune.wait(job.id).raise_for_status()
+    print(f"  {job.state}: {job.result_model}")
+    print(f"  {job.trained_tokens} tokens trained; best validation loss {job.best_validation_loss:.3f}")
+    print("  classify through the fine-tuned model, by name (its adapter is hot-loaded by the inference service):")
+    tuned = client.tasks.classify(REVIEWS, labels=LABELS, model=job.result_model)
+    classification_table(REVIEWS, tuned.results)
 
 
 if __name__ == "__main__":

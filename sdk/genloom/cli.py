@@ -1715,6 +1715,23 @@ with contextlib.suppress(ImportError):  # the SDK alone (no server extra): `genl
     app.command("serve", help="Run genloom server(s) until SIGTERM/SIGINT.")(_serve_command())
 
 
+@app.command(
+    "worker",
+    help="Run a fine-tuning worker: a Celery worker on the training queue (Redis at GENLOOM_REDIS_URL) that trains "
+    "jobs one at a time until SIGTERM. Configured by the GENLOOM_* variables of `genloom serve` (models, "
+    "GENLOOM_FINETUNE_*); run one per GPU (CUDA_VISIBLE_DEVICES) and as many as you like on one queue.",
+)
+def worker_command(
+    hostname: Optional[str] = typer.Option(None, help="Worker name shown on jobs (default genloom-<pid>@<host>)."),  # noqa: UP045
+    loglevel: str = typer.Option("info", envvar="GENLOOM_LOG_LEVEL", help="Log level."),
+) -> None:
+    try:
+        from genloom.services.finetune.worker import main as worker_main
+    except ImportError as err:  # the SDK alone
+        raise typer.BadParameter(f"the worker needs the server extra (pip install 'genloom[server]'): {err}") from None
+    worker_main([*(["--hostname", hostname] if hostname else []), "--loglevel", loglevel])
+
+
 def main() -> None:
     app()
 

@@ -275,8 +275,8 @@ class FineTuningServicer(finetune_pb2_grpc.FineTuningServiceServicer):
                 event = finetune_pb2.JobEvent.FromString(fields[b"e"])
                 event.id = cursor
                 yield finetune_pb2.WatchJobResponse(event=event)
-                if event.type == S.JOB_EVENT_TYPE_STATE_CHANGE and event.state in TERMINAL:
-                    return
+                if follow and event.type == S.JOB_EVENT_TYPE_STATE_CHANGE and event.state in TERMINAL:
+                    return  # (without follow every stored event is sent: a webhook warning comes after the end)
 
     async def _ended_before(self, key: str, cursor: str) -> bool:
         """Whether a terminal state event is at or before `cursor` (a watcher resuming after the end)."""

@@ -117,6 +117,8 @@ def ft_env(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         "GENLOOM_FINETUNE_QUEUE": env.queue,
         "GENLOOM_FINETUNE_MIN_EXAMPLES": "4",
         "GENLOOM_FINETUNE_LEASE_SECONDS": "3",
+        "GENLOOM_FINETUNE_WEBHOOK_ATTEMPTS": "3",
+        "GENLOOM_FINETUNE_WEBHOOK_BACKOFF": "0.05",
         "OMP_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
@@ -131,7 +133,7 @@ class WorkerProcess:
         self.name = f"{name}-{uuid.uuid4().hex[:6]}@test"
         self.log = log_dir / f"{name}.log"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "genloom.services.finetune.worker", "--hostname", self.name],
+            [sys.executable, "-m", "genloom.cli", "worker", "--hostname", self.name],
             env=env.env,
             stdout=self.log.open("wb"),
             stderr=subprocess.STDOUT,
