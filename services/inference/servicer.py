@@ -1,15 +1,26 @@
 """InferenceService: validates requests, renders prompts, checks the context window, and translates between
 protobuf and the engine protocol. Text (detokenization, stop sequences) is assembled here, the same for every
-engine."""
+engine.
+
+Fine-tuned models: a request may name "ft:<base>:<suffix>:<job-id>" (as ModelRef.model, or as ModelRef.adapter).
+The name is looked up in the fine-tuned model registry (Redis) on first use; a LoRA result is validated like a
+LoadAdapter directory and loaded into the engine under its own name, so a job's model is servable as soon as the
+job succeeds, without a restart. Adapters loaded this way are evicted least-recently-used when the engine's
+adapter slots (GENLOOM_MAX_LORAS) are full; an adapter is pinned while a request runs with it, so eviction never
+pulls it from under a generation.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import logging
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,6 +28,7 @@ from typing import Any
 
 import grpc
 
+from genloom.services.finetune.registry import FineTunedModel, FineTunedModelResolver, is_fine_tuned
 from genloom.services.inference.adapters import AdapterSpec, inspect_adapter
 from genloom.services.inference.engine import (
     AdapterError,
@@ -31,10 +43,11 @@ from genloom.services.inference.engine import (
 )
 from genloom.services.inference.settings import InferenceSettings
 from genloom.services.inference.text import TextAssembler
-from genloom.services.models.registry import ModelRegistry, ModelSpec
+from genloom.services.models.registry import BUILTIN_MODELS, ModelRegistry, ModelSpec
 from genloom.services.server.conversation import conversation_messages
 from genloom.services.server.errors import (
     AlreadyExists,
+    FailedPrecondition,
     FieldViolation,
     InvalidArgument,
     NotFound,
@@ -82,11 +95,37 @@ def create_engine(spec: ModelSpec, settings: InferenceSettings, max_model_len: i
     return OpenAIEngine(spec.path, spec.name, settings, max_model_len)
 
 
-@dataclass
+@dataclass(eq=False)
 class LoadedAdapter:
-    name: str
+    name: str  # what requests name it by (an "ft:" name for a fine-tuned model)
     spec: AdapterSpec
     loaded_at: datetime
+    # The name the engine knows it by: the LoadAdapter name, or for a fine-tuned model one derived from its job id
+    # (engines key adapters by name and PEFT refuses '.' in one, which an ft name may contain).
+    engine_name: str = ""
+    job_id: str = ""  # the fine-tuning job that produced it; "" for LoadAdapter adapters
+    users: int = 0  # requests running with it now: a fine-tuned adapter is only evicted when this is 0
+    last_used: float = 0.0  # monotonic; the least recently used fine-tuned adapter is evicted first
+
+    def __post_init__(self) -> None:
+        self.engine_name = self.engine_name or self.name
+        self.last_used = self.last_used or time.monotonic()
+
+    @property
+    def fine_tuned(self) -> bool:
+        return bool(self.job_id)
+
+
+@dataclass
+class ResolvedModel:
+    """A request's model: what its response echoes, and the adapter it runs with (pinned until the request ends)."""
+
+    echo: common_pb2.ModelRef
+    adapter: LoadedAdapter | None = None
+
+    @property
+    def engine_adapter(self) -> str | None:
+        return self.adapter.engine_name if self.adapter is not None else None
 
 
 @dataclass
@@ -127,6 +166,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self.engine: Engine | None = None
         self.tokenizer: LoadedTokenizer | None = None
         self.model_name = models.model
+        self._model_dir: Path | None = None
+        self._fine_tuned = FineTunedModelResolver(models.redis_url)
+        self._serves_base: dict[str, bool] = {}
         self._hidden_size = 0
         self._adapters: dict[str, LoadedAdapter] = {}
         self._adapter_lock = asyncio.Lock()
@@ -146,6 +188,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def start(self) -> None:
         spec = await asyncio.to_thread(self._registry.resolve, self.models.model)
         self.model_name = spec.name
+        self._model_dir = spec.path
         self.tokenizer = await asyncio.to_thread(load_tokenizer, spec, self.models.max_model_len)
         self._hidden_size = _hidden_size(spec.path)
         engine = self._given_engine
@@ -165,6 +208,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             self._monitor.cancel()
         if self.engine is not None and self._given_engine is None:
             await self.engine.shutdown()
+        elif self.engine is not None:
+            # A shared engine outlives this servicer: take out the fine-tuned adapters it loaded into it.
+            for adapter in [a for a in self._adapters.values() if a.fine_tuned]:
+                with contextlib.suppress(EngineError):
+                    await self.engine.remove_adapter(adapter.engine_name)
+                self._adapters.pop(adapter.name, None)
+        await self._fine_tuned.close()
 
     async def _watch_engine(self) -> None:
         """Poll the engine's health: a dead engine flips health to NOT_SERVING; one that recovers (a remote
@@ -196,38 +246,45 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.GenerateResponse:
-        generation = self._prepare(request)
-        response = inference_pb2.GenerateResponse(request_id=generation.request_id, model=generation.model)
-        async for event in self._run(generation):
-            if isinstance(event, inference_pb2.GenerateDelta):
-                response.token_ids.extend(event.token_ids)
-                response.logprobs.extend(event.logprobs)
-            else:
-                response.text = generation.assembler.text
-                response.finish_reason = event.finish_reason
-                response.stop_sequence = event.stop_sequence
-                if event.HasField("stop_token_id"):
-                    response.stop_token_id = event.stop_token_id
-                response.usage.CopyFrom(event.usage)
-                response.truncation.CopyFrom(event.truncation)
-                response.timing.CopyFrom(event.timing)
+        received = time.monotonic()
+        async with self._resolved(request.model) as model:
+            generation = self._prepare(request, model, received)
+            response = inference_pb2.GenerateResponse(request_id=generation.request_id, model=generation.model)
+            async for event in self._run(generation):
+                if isinstance(event, inference_pb2.GenerateDelta):
+                    response.token_ids.extend(event.token_ids)
+                    response.logprobs.extend(event.logprobs)
+                else:
+                    response.text = generation.assembler.text
+                    response.finish_reason = event.finish_reason
+                    response.stop_sequence = event.stop_sequence
+                    if event.HasField("stop_token_id"):
+                        response.stop_token_id = event.stop_token_id
+                    response.usage.CopyFrom(event.usage)
+                    response.truncation.CopyFrom(event.truncation)
+                    response.timing.CopyFrom(event.timing)
         return response
 
     async def GenerateStream(
         self, request: inference_pb2.GenerateStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
-        generation = self._prepare(request)
-        async for event in self._run(generation):
-            if isinstance(event, inference_pb2.GenerateDelta):
-                yield inference_pb2.GenerateStreamResponse(request_id=generation.request_id, delta=event)
-            else:
-                yield inference_pb2.GenerateStreamResponse(request_id=generation.request_id, finish=event)
+        received = time.monotonic()
+        async with self._resolved(request.model) as model:
+            generation = self._prepare(request, model, received)
+            async for event in self._run(generation):
+                if isinstance(event, inference_pb2.GenerateDelta):
+                    yield inference_pb2.GenerateStreamResponse(request_id=generation.request_id, delta=event)
+                else:
+                    yield inference_pb2.GenerateStreamResponse(request_id=generation.request_id, finish=event)
 
     async def Score(
         self, request: inference_pb2.ScoreRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.ScoreResponse:
+        async with self._resolved(request.model) as model:
+            return await self._score(request, model)
+
+    async def _score(self, request: inference_pb2.ScoreRequest, model: ResolvedModel) -> inference_pb2.ScoreResponse:
         engine, tok = self._ready()
-        model = self._model_ref(request.model)
         s = self.settings
         if not request.items:
             raise InvalidArgument.field("items", "must contain at least one item")
@@ -259,15 +316,17 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             )
             prompts.append(prompt)
             candidate_ids.append(encoded)
-            queries.append(ScoreQuery(prompt.token_ids, encoded, adapter=model.adapter or None))
+            queries.append(ScoreQuery(prompt.token_ids, encoded, adapter=model.engine_adapter))
         try:
             scores = await engine.score(queries)
         except EngineDeadError:
             await self._engine_died()
             raise Unavailable("the inference engine is not available") from None
+        except AdapterError as err:
+            raise NotFound(str(err)) from None
         except EngineError as err:
             raise InvalidArgument(str(err)) from None
-        response = inference_pb2.ScoreResponse(model=model)
+        response = inference_pb2.ScoreResponse(model=model.echo)
         prefilled = 0
         for prompt, ids_per_candidate, item_scores in zip(prompts, candidate_ids, scores, strict=True):
             result = response.results.add(prompt_tokens=len(prompt.token_ids), truncation=prompt.report)
@@ -297,32 +356,53 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     ) -> inference_pb2.ListModelsResponse:
         engine, tok = self._ready()
         info = engine.info()
-        return inference_pb2.ListModelsResponse(
-            models=[
+        engine_kind = ENGINE_TO_PB.get(info.engine, inference_pb2.ENGINE_UNSPECIFIED)
+        models = [
+            inference_pb2.ModelSummary(
+                name=self.model_name,
+                is_default=True,
+                kind=inference_pb2.MODEL_KIND_BASE,
+                context_window=tok.context_window,
+                engine=engine_kind,
+                ready=not self._dead,
+            )
+        ]
+        # Fine-tuned models this server has loaded (others are registered in Redis and loaded on first use).
+        for adapter in sorted((a for a in self._adapters.values() if a.fine_tuned), key=lambda a: a.name):
+            models.append(
                 inference_pb2.ModelSummary(
-                    name=self.model_name,
-                    is_default=True,
-                    kind=inference_pb2.MODEL_KIND_BASE,
+                    name=adapter.name,
+                    kind=inference_pb2.MODEL_KIND_FINE_TUNED_ADAPTER,
+                    base_model=self.model_name,
                     context_window=tok.context_window,
-                    engine=ENGINE_TO_PB.get(info.engine, inference_pb2.ENGINE_UNSPECIFIED),
+                    engine=engine_kind,
                     ready=not self._dead,
                 )
-            ]
-        )
+            )
+        return inference_pb2.ListModelsResponse(models=models)
 
     async def GetModelInfo(
         self, request: inference_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.GetModelInfoResponse:
         engine, tok = self._ready()
-        self._check_model(request.model, "model")
+        fine_tuned: FineTunedModel | None = None
+        if is_fine_tuned(request.model):
+            fine_tuned = await self._fine_tuned.resolve(request.model, "model")
+            await self._check_fine_tuned(fine_tuned, "model", engine)
+        else:
+            self._check_model(request.model, "model")
         info = engine.info()
         running, waiting = engine.load()
         s = self.settings
+        adapters = list(self._adapters.values())
+        if fine_tuned is not None:
+            adapters = [a for a in adapters if a.name == fine_tuned.name]
         return inference_pb2.GetModelInfoResponse(
-            name=self.model_name,
-            is_default=True,
-            kind=inference_pb2.MODEL_KIND_BASE,
-            source=info.source,
+            name=fine_tuned.name if fine_tuned else self.model_name,
+            is_default=fine_tuned is None,
+            kind=inference_pb2.MODEL_KIND_FINE_TUNED_ADAPTER if fine_tuned else inference_pb2.MODEL_KIND_BASE,
+            base_model=self.model_name if fine_tuned else "",
+            source=fine_tuned.path if fine_tuned else info.source,
             engine=ENGINE_TO_PB.get(info.engine, inference_pb2.ENGINE_UNSPECIFIED),
             engine_version=info.engine_version,
             dtype=info.dtype,
@@ -333,7 +413,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             supports_lora=info.supports_lora,
             max_lora_rank=info.max_lora_rank if info.supports_lora else 0,
             max_loras=info.max_loras if info.supports_lora else 0,
-            adapters=[self._adapter_pb(a) for a in self._adapters.values()],
+            adapters=[self._adapter_pb(a) for a in adapters],
             default_max_new_tokens=s.default_max_new_tokens,
             max_logprobs=s.max_logprobs,
             max_stop_sequences=s.max_stop_sequences,
@@ -372,6 +452,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 if name in self._adapters:
                     await engine.remove_adapter(name)
                     del self._adapters[name]
+                else:
+                    await self._make_room(engine)
                 await engine.add_adapter(name, str(spec.path))
             except AdapterError as err:
                 raise InvalidArgument(str(err), [FieldViolation("path", str(err))]) from None
@@ -391,7 +473,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             loaded = self._adapters.get(request.name)
             if loaded is None:
                 raise NotFound(f"no adapter named {request.name!r} is loaded")
-            await engine.remove_adapter(request.name)
+            await engine.remove_adapter(loaded.engine_name)
             del self._adapters[request.name]
         pb = self._adapter_pb(loaded)
         pb.loaded = False
@@ -407,11 +489,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     # -- generation -----------------------------------------------------------------------------------------------
 
-    def _prepare(self, request: Any) -> Generation:
+    def _prepare(self, request: Any, model: ResolvedModel, received: float) -> Generation:
         """Validate a Generate/GenerateStream request and turn it into an engine request."""
-        received = time.monotonic()
         engine, tok = self._ready()
-        model = self._model_ref(request.model)
         request_id = request.request_id or uuid.uuid4().hex
         if not REQUEST_ID.match(request_id):
             raise InvalidArgument.field("request_id", "1 to 128 characters from [A-Za-z0-9._:-]")
@@ -432,8 +512,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         assembler = TextAssembler(
             tok.hf, stop, skip_special_tokens=skip_special, min_new_tokens=sampling.min_new_tokens
         )
-        engine_request = EngineRequest(request_id, prompt.token_ids, sampling, adapter=model.adapter or None)
-        return Generation(request_id, engine_request, assembler, prompt, model, received)
+        engine_request = EngineRequest(request_id, prompt.token_ids, sampling, adapter=model.engine_adapter)
+        return Generation(request_id, engine_request, assembler, prompt, model.echo, received)
 
     async def _run(self, g: Generation) -> AsyncIterator[inference_pb2.GenerateDelta | inference_pb2.GenerateFinish]:
         """Drive one generation: deltas as text becomes final, then the finish. Cancelling the caller (client
@@ -509,11 +589,153 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         if name and name != self.model_name:
             raise NotFound(f"{field}: model {name!r} is not served here; this server serves {self.model_name!r}")
 
-    def _model_ref(self, ref: common_pb2.ModelRef) -> common_pb2.ModelRef:
-        self._check_model(ref.model, "model.model")
-        if ref.adapter and ref.adapter not in self._adapters:
-            raise NotFound(f"model.adapter: no adapter named {ref.adapter!r} is loaded (see ListAdapters)")
-        return common_pb2.ModelRef(model=self.model_name, adapter=ref.adapter)
+    @asynccontextmanager
+    async def _resolved(self, ref: common_pb2.ModelRef) -> AsyncIterator[ResolvedModel]:
+        """The request's model, its adapter pinned (not evictable) until the block ends. A fine-tuned name is looked
+        up and its adapter loaded on first use."""
+        engine, _ = self._ready()
+        if is_fine_tuned(ref.model):
+            if ref.adapter:
+                raise InvalidArgument.field(
+                    "model.adapter",
+                    f"must be empty when model.model names a fine-tuned model ({ref.model!r} is its base model plus "
+                    "its own adapter)",
+                )
+            resolved = ResolvedModel(
+                common_pb2.ModelRef(model=ref.model), await self._fine_tuned_adapter(ref.model, "model.model", engine)
+            )
+        elif is_fine_tuned(ref.adapter):
+            self._check_model(ref.model, "model.model")
+            resolved = ResolvedModel(
+                common_pb2.ModelRef(model=self.model_name, adapter=ref.adapter),
+                await self._fine_tuned_adapter(ref.adapter, "model.adapter", engine),
+            )
+        else:
+            self._check_model(ref.model, "model.model")
+            adapter = self._adapters.get(ref.adapter) if ref.adapter else None
+            if ref.adapter and adapter is None:
+                raise NotFound(f"model.adapter: no adapter named {ref.adapter!r} is loaded (see ListAdapters)")
+            if adapter is not None:
+                self._pin(adapter)
+            resolved = ResolvedModel(common_pb2.ModelRef(model=self.model_name, adapter=ref.adapter), adapter)
+        try:
+            yield resolved
+        finally:
+            if resolved.adapter is not None:
+                resolved.adapter.users -= 1
+
+    @staticmethod
+    def _pin(adapter: LoadedAdapter) -> None:
+        adapter.users += 1
+        adapter.last_used = time.monotonic()
+
+    async def _fine_tuned_adapter(self, name: str, field: str, engine: Engine) -> LoadedAdapter:
+        """The fine-tuned model `name`'s adapter, loaded into the engine if it is not yet, and pinned."""
+        loaded = self._adapters.get(name)
+        if loaded is not None:  # the common case: no Redis, no lock
+            self._pin(loaded)
+            return loaded
+        model = await self._fine_tuned.resolve(name, field)
+        await self._check_fine_tuned(model, field, engine)
+        async with self._adapter_lock:  # concurrent first requests load it once
+            loaded = self._adapters.get(name)
+            if loaded is None:
+                loaded = await self._load_fine_tuned(model, engine)
+            self._pin(loaded)
+        return loaded
+
+    async def _check_fine_tuned(self, model: FineTunedModel, field: str, engine: Engine) -> None:
+        """Refuse a registered model this server can't serve, saying what would serve it."""
+        if not await self._serves(model.base_model):
+            raise NotFound(
+                f"{field}: fine-tuned model {model.name!r} is based on {model.base_model!r}, but this server serves "
+                f"{self.model_name!r}; send it to a server whose GENLOOM_MODEL is {model.base_model!r}"
+            )
+        if model.method == "full":
+            # One engine serves one base model; a whole fine-tuned model needs an engine (and memory) of its own.
+            raise FailedPrecondition(
+                f"{field}: {model.name!r} is a fully fine-tuned model, which is not served by its ft: name; serve its "
+                f'directory as a model of its own (GENLOOM_MODELS="name={model.path}", or GENLOOM_MODEL)'
+            )
+        if model.method != "lora":
+            raise FailedPrecondition(f"{field}: {model.name!r} is registered with an unknown method {model.method!r}")
+        if not engine.info().supports_lora:
+            raise FailedPrecondition(
+                f"{field}: {model.name!r} is a LoRA fine-tune and this server does not serve LoRA adapters; "
+                "start it with GENLOOM_ENABLE_LORA=true (the hf engine also needs the peft package)"
+            )
+
+    async def _serves(self, base_model: str) -> bool:
+        """Whether `base_model` is the model this server serves: its name, or another name for its directory."""
+        if base_model == self.model_name:
+            return True
+        known = self._serves_base.get(base_model)
+        if known is None and base_model in BUILTIN_MODELS:
+            known = False  # resolving a built-in model would convert it, only to find another directory
+        if known is None:
+            try:
+                spec = await asyncio.to_thread(self._registry.resolve, base_model)
+            except NotFound:
+                known = False
+            else:
+                known = self._model_dir is not None and spec.path.resolve() == self._model_dir.resolve()
+            self._serves_base[base_model] = known
+        return known
+
+    async def _load_fine_tuned(self, model: FineTunedModel, engine: Engine) -> LoadedAdapter:
+        """Validate and load a registered LoRA adapter (under the adapter lock)."""
+        try:
+            spec = await asyncio.to_thread(
+                inspect_adapter, model.path, hidden_size=self._hidden_size, max_rank=engine.info().max_lora_rank
+            )
+        except AdapterError as err:
+            raise FailedPrecondition(f"fine-tuned model {model.name!r} can't be served: {err}") from None
+        await self._make_room(engine)
+        digest = hashlib.sha256(model.name.encode()).hexdigest()[:12]
+        loaded = LoadedAdapter(
+            model.name, spec, datetime.now(timezone.utc), engine_name=f"ft:{model.job_id}:{digest}", job_id=model.job_id
+        )
+        try:
+            await engine.add_adapter(loaded.engine_name, str(spec.path))
+        except EngineDeadError:
+            await self._engine_died()
+            raise Unavailable("the inference engine is not available") from None
+        except AdapterError as err:
+            raise FailedPrecondition(f"fine-tuned model {model.name!r} can't be loaded: {err}") from None
+        self._adapters[model.name] = loaded
+        logger.info("fine-tuned model %s loaded from %s (rank %d)", model.name, spec.path, spec.rank)
+        return loaded
+
+    async def _make_room(self, engine: Engine) -> None:
+        """Free an adapter slot for one more adapter (under the adapter lock): evict the least recently used
+        fine-tuned adapter no request is using. LoadAdapter adapters are never evicted: someone loaded them on
+        purpose, and a later request naming one could not bring it back."""
+        limit = engine.info().max_loras
+        while limit and len(self._adapters) >= limit:
+            idle = [a for a in self._adapters.values() if a.fine_tuned and a.users == 0]
+            if not idle:
+                if any(a.fine_tuned for a in self._adapters.values()):
+                    raise ResourceExhausted(
+                        f"all {limit} adapter slots (GENLOOM_MAX_LORAS) hold adapters that requests are using; "
+                        "retry shortly",
+                        retry_after=1.0,
+                    )
+                raise FailedPrecondition(
+                    f"all {limit} adapter slots (GENLOOM_MAX_LORAS) hold adapters loaded with LoadAdapter; unload "
+                    "one (UnloadAdapter) or raise GENLOOM_MAX_LORAS"
+                )
+            victim = min(idle, key=lambda a: a.last_used)
+            # Out of the table first: a request arriving meanwhile goes to the (locked) loading path, not to an
+            # adapter on its way out of the engine.
+            del self._adapters[victim.name]
+            try:
+                await engine.remove_adapter(victim.engine_name)
+            except EngineDeadError:
+                await self._engine_died()
+                raise Unavailable("the inference engine is not available") from None
+            except AdapterError:
+                pass  # already gone from the engine: the slot is free either way
+            logger.info("fine-tuned model %s evicted from the engine (least recently used)", victim.name)
 
     def _sampling(
         self, params: inference_pb2.SamplingParams, tok: LoadedTokenizer
@@ -673,6 +895,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return ids, removed, original
 
     def _adapter_pb(self, adapter: LoadedAdapter) -> inference_pb2.AdapterInfo:
+        source = inference_pb2.ADAPTER_SOURCE_FINE_TUNE if adapter.fine_tuned else inference_pb2.ADAPTER_SOURCE_LOADED
         pb = inference_pb2.AdapterInfo(
             name=adapter.name,
             path=str(adapter.spec.path),
@@ -680,7 +903,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             rank=adapter.spec.rank,
             alpha=adapter.spec.alpha,
             target_modules=adapter.spec.target_modules,
-            source=inference_pb2.ADAPTER_SOURCE_LOADED,
+            source=source,
+            job_id=adapter.job_id,
             loaded=True,
         )
         pb.loaded_at.FromDatetime(adapter.loaded_at)

@@ -43,6 +43,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
 
     async def close(self) -> None:
         self._ready = False
+        await self.store.close()
 
     # -- RPCs -----------------------------------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""Loaded tokenizers, by model name: the configured ones at start, local model paths on first use."""
+"""Loaded tokenizers, by model name: the configured ones at start, local model paths on first use, and fine-tuned
+models ("ft:<base>:<suffix>:<job-id>", looked up in the fine-tuned model registry) as their base model's."""
 
 from __future__ import annotations
 
@@ -6,12 +7,13 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from genloom.services.finetune.registry import FineTunedModelResolver, is_fine_tuned
 from genloom.services.models.registry import ModelRegistry, ModelSpec
-from genloom.services.server.errors import InvalidArgument
+from genloom.services.server.errors import InvalidArgument, NotFound
 
 logger = logging.getLogger(__name__)
 
@@ -123,21 +125,30 @@ class TokenizerStore:
         registry: ModelRegistry,
         max_model_len: int = 0,
         loader: Callable[[ModelSpec, int], LoadedTokenizer] = load_tokenizer,
+        fine_tuned: FineTunedModelResolver | None = None,
     ) -> None:
         self.registry = registry
         self._max_model_len = max_model_len
         self._loader = loader
         self._loaded: dict[str, LoadedTokenizer] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._fine_tuned = fine_tuned or FineTunedModelResolver(registry.settings.redis_url)
+        # ft name -> its base model's tokenizer under the ft name (kept apart from _loaded: ListTokenizers lists
+        # the tokenizers this server loaded, not every fine-tuned name a client has asked about).
+        self._fine_tuned_tokenizers: dict[str, LoadedTokenizer] = {}
 
     async def preload(self) -> None:
         """Load the configured models (default first)."""
         for name in self.registry.configured_names():
             await self.get(name)
 
-    async def get(self, name: str) -> LoadedTokenizer:
-        """The tokenizer for a requested model name ("" = default); loads it on first use. Raises NotFound."""
+    async def get(self, name: str, field: str = "model") -> LoadedTokenizer:
+        """The tokenizer for a requested model name ("" = default); loads it on first use. A fine-tuned model's is
+        its base model's, reported under the fine-tuned name. Raises NotFound (InvalidArgument for a malformed
+        "ft:" name, Unavailable when the fine-tuned model registry can't be reached)."""
         name = name or self.registry.default_name
+        if is_fine_tuned(name):
+            return await self._get_fine_tuned(name, field)
         loaded = self._loaded.get(name)
         if loaded is not None:
             return loaded
@@ -148,7 +159,29 @@ class TokenizerStore:
                 self._loaded[name] = await asyncio.to_thread(self._loader, spec, self._max_model_len)
         return self._loaded[name]
 
+    async def _get_fine_tuned(self, name: str, field: str) -> LoadedTokenizer:
+        loaded = self._fine_tuned_tokenizers.get(name)
+        if loaded is not None:
+            return loaded
+        model = await self._fine_tuned.resolve(name, field)
+        if is_fine_tuned(model.base_model):
+            raise NotFound(f"{field}: fine-tuned model {name!r} is registered with no usable base model")
+        # Fine-tuning (LoRA or full) keeps the base model's vocabulary, so its tokenizer is the base model's.
+        try:
+            base = await self.get(model.base_model)
+        except NotFound as err:
+            raise NotFound(
+                f"{field}: fine-tuned model {name!r} is based on {model.base_model!r}, which this server can't "
+                f"load ({err.message})"
+            ) from None
+        loaded = replace(base, name=name)
+        self._fine_tuned_tokenizers[name] = loaded
+        return loaded
+
     def loaded(self) -> list[LoadedTokenizer]:
         """Loaded tokenizers, the default first."""
         default = self.registry.default_name
         return sorted(self._loaded.values(), key=lambda t: (t.name != default, t.name))
+
+    async def close(self) -> None:
+        await self._fine_tuned.close()

@@ -49,9 +49,7 @@ def test_grid_sweep_of_four_trials_on_two_workers(ft: FineTuneServer, workers: W
     lr.name = "learning_rate"
     rank = _choice(4, 8)
     rank.name = "lora_rank"
-    spec = finetune_pb2.SweepSpec(
-        base_job=tiny_spec(qa_records(32), epochs=3), search_space=[lr, rank], parallelism=2
-    )
+    spec = finetune_pb2.SweepSpec(base_job=tiny_spec(qa_records(32), epochs=3), search_space=[lr, rank], parallelism=2)
     created = ft.stub.CreateSweep(S.CreateSweepRequest(spec=spec)).sweep
     assert created.state == S.SWEEP_STATE_RUNNING and created.spec.max_trials == 4
     sweep = _wait_sweep(ft, created.id)
@@ -96,8 +94,11 @@ def test_bayesian_sweep_and_cancel(ft: FineTuneServer, shared_worker: WorkerProc
     assert sweep.best_trial.objective_value == min(t.objective_value for t in sweep.trials)
     # A long sweep cancelled: its running trial is cancelled and no further trial starts.
     long = finetune_pb2.SweepSpec(
-        base_job=tiny_spec(qa_records(64), epochs=100), search_space=[dim], method=S.SWEEP_METHOD_BAYESIAN,
-        max_trials=5, parallelism=1,
+        base_job=tiny_spec(qa_records(64), epochs=100),
+        search_space=[dim],
+        method=S.SWEEP_METHOD_BAYESIAN,
+        max_trials=5,
+        parallelism=1,
     )
     created = ft.stub.CreateSweep(S.CreateSweepRequest(spec=long)).sweep
     deadline = time.monotonic() + 120
