@@ -117,3 +117,34 @@ def test_full_fine_tune_saves_a_whole_model(ft: FineTuneServer, shared_worker: W
     assert (result / "tokenizer.json").is_file()
     assert not (result / "adapter_config.json").exists()
     assert job.spec.hyperparameters.learning_rate == 1e-3 and job.spec.hyperparameters.lora_rank == 0
+
+
+def test_redis_unreachable_is_unavailable(ft_env: FineTuneEnv) -> None:
+    import grpc
+
+    from genloom.services.finetune.servicer import FineTuningServicer
+    from genloom.v1 import finetune_pb2_grpc
+
+    from ..conftest import start_server
+
+    models = ft_env.model_settings()
+    models = type(models)(**{**models.__dict__, "redis_url": "redis://127.0.0.1:1/0"})
+    server = start_server([FineTuningServicer(models, ft_env.settings())])
+    try:
+        server.wait_ready()
+        with grpc.insecure_channel(server.target) as channel:
+            stub = finetune_pb2_grpc.FineTuningServiceStub(channel)
+            for call, request in (
+                (stub.GetJob, S.GetJobRequest(job_id="ftjob-" + "0" * 26)),
+                (stub.CreateJob, S.CreateJobRequest(spec=tiny_spec())),
+                (stub.ListJobs, S.ListJobsRequest()),
+            ):
+                with pytest.raises(grpc.RpcError) as err:
+                    call(request, timeout=30)
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "GENLOOM_REDIS_URL" in err.value.details()
+            with pytest.raises(grpc.RpcError) as err:
+                list(stub.WatchJob(S.WatchJobRequest(job_id="ftjob-" + "0" * 26), timeout=30))
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop()
