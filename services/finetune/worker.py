@@ -107,7 +107,7 @@ class _Hooks:
         event = finetune_pb2.JobEvent(
             type=S.JOB_EVENT_TYPE_CHECKPOINT,
             level=S.JOB_EVENT_LEVEL_INFO,
-            message=f"checkpoint {ckpt.name} saved",
+            message=f"saved {ckpt.name} (step {ckpt.step})",
         )
         event.checkpoint.CopyFrom(ckpt)
         self.store.add_event(self.job_id, event)
