@@ -59,6 +59,10 @@ class Hooks(Protocol):
     def cancelled(self) -> bool:
         """True once the job was cancelled: checked after every optimizer step."""
 
+    def preempted(self) -> bool:
+        """True once the worker is shutting down: the run saves a checkpoint at once and stops (to be resumed
+        elsewhere). Checked after every optimizer step."""
+
     def metrics(self, metrics: finetune_pb2.JobMetrics) -> None:
         """Training (or validation) metrics at a step."""
 
@@ -69,6 +73,7 @@ class Hooks(Protocol):
 @dataclass
 class RunResult:
     cancelled: bool
+    preempted: bool
     steps: int
     trained_tokens: int
     best_validation_loss: float | None
@@ -218,6 +223,7 @@ class _Reporter(TrainerCallback):
         self.hooks = hooks
         self.out_dir = out_dir
         self.cancelled = False
+        self.preempted = False
         self.best_validation_loss: float | None = None
         self.last_train_loss: float | None = None
         self.last_eval_loss: float | None = None
@@ -238,6 +244,11 @@ class _Reporter(TrainerCallback):
             control.should_save = False
             control.should_evaluate = False
             control.should_log = False
+        elif self.hooks.preempted():
+            self.preempted = True
+            control.should_training_stop = True
+            control.should_save = True  # a checkpoint at this very step: the next worker resumes from here
+            control.should_evaluate = False
 
     def on_epoch_end(self, args: Any, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         if not self.cancelled and state.global_step < state.max_steps:
@@ -247,7 +258,7 @@ class _Reporter(TrainerCallback):
         self, args: Any, state: TrainerState, control: TrainerControl, logs: dict[str, Any] | None = None, **kw: Any
     ) -> None:
         logs = logs or {}
-        if "train_loss" in logs or self.cancelled:  # the run's closing summary, not a step
+        if "train_loss" in logs or self.cancelled or self.preempted:  # the run's closing summary, not a step
             return
         m = self.base_metrics(state)
         if "eval_loss" in logs:
@@ -346,13 +357,13 @@ def run(
     trainer.remove_callback(PrinterCallback)  # progress goes to the job's events, not the worker's stdout
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     state = trainer.state
-    if reporter.cancelled:
-        return _result(reporter, state, cancelled=True)
+    if reporter.cancelled or reporter.preempted:
+        return _result(reporter, state, cancelled=reporter.cancelled, preempted=reporter.preempted)
     if validation and reporter.last_eval_step != state.global_step:
         # The last step was not an evaluation step: evaluate the final weights so the job (and a sweep) always
         # has a validation loss for what it produced.
         trainer.evaluate()
-    result = _result(reporter, state, cancelled=False)
+    result = _result(reporter, state, cancelled=False, preempted=False)
     tmp = result_dir.with_name(result_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     trainer.model.save_pretrained(tmp)
@@ -367,7 +378,7 @@ def run(
     return result
 
 
-def _result(reporter: _Reporter, state: TrainerState, *, cancelled: bool) -> RunResult:
+def _result(reporter: _Reporter, state: TrainerState, *, cancelled: bool, preempted: bool) -> RunResult:
     final = reporter.base_metrics(state)
     if reporter.last_train_loss is not None:
         final.train_loss = reporter.last_train_loss
@@ -375,6 +386,7 @@ def _result(reporter: _Reporter, state: TrainerState, *, cancelled: bool) -> Run
         final.validation_loss = reporter.last_eval_loss
     return RunResult(
         cancelled=cancelled,
+        preempted=preempted,
         steps=state.global_step,
         trained_tokens=int(state.num_input_tokens_seen),
         best_validation_loss=reporter.best_validation_loss,

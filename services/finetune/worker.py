@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -68,11 +69,14 @@ def sender(app: Celery, settings: FinetuneSettings) -> Any:
 class _Hooks:
     """What the training loop reports goes to Redis: metrics and checkpoints as events, the cancel flag back."""
 
-    def __init__(self, store: Store, job_id: str, beat: Heartbeat) -> None:
-        self.store, self.job_id, self.beat = store, job_id, beat
+    def __init__(self, store: Store, job_id: str, beat: Heartbeat, stopping: Any) -> None:
+        self.store, self.job_id, self.beat, self.stopping = store, job_id, beat, stopping
 
     def cancelled(self) -> bool:
         return self.beat.lost or self.store.cancel_flag(self.job_id)
+
+    def preempted(self) -> bool:
+        return bool(self.stopping.is_set())
 
     def metrics(self, m: finetune_pb2.JobMetrics) -> None:
         if m.HasField("validation_loss"):
@@ -124,6 +128,9 @@ class Worker:
 
         self.sweeps = SweepController(self.manager)
         self.manager.on_finished = self.sweeps.trial_finished
+        # Set when the worker is asked to stop (SIGTERM): a running job checkpoints, is re-queued and resumes on
+        # another worker, instead of holding the shutdown until it ends.
+        self.stopping = threading.Event()
 
     def run(self, job_id: str) -> str:
         job = self.store.get_job(job_id)
@@ -131,6 +138,9 @@ class Worker:
             return "unknown job"
         if job.state in TERMINAL or job.state == S.JOB_STATE_VALIDATING:
             return f"skipped ({S.JobState.Name(job.state)})"
+        if self.stopping.is_set():  # delivered while shutting down: hand it back rather than drop it
+            self.manager.send(job_id)
+            return "handed back (shutting down)"
         token = uuid.uuid4().hex
         if not self.store.acquire_lease("lease", job_id, token, self.settings.lease_seconds):
             return "running on another worker"
@@ -196,7 +206,7 @@ class Worker:
                 validation=found.validation,
                 out_dir=out_dir,
                 result_dir=result_dir,
-                hooks=_Hooks(self.store, job_id, beat),
+                hooks=_Hooks(self.store, job_id, beat, self.stopping),
                 resume_from=resume[1] if resume else None,
                 save_files=[base.path / f for f in _TOKENIZER_FILES if (base.path / f).is_file()],
             )
@@ -219,6 +229,17 @@ class Worker:
                 [S.JOB_STATE_RUNNING],
             )
         if beat.lost:  # the job was re-queued while this worker stalled: its new owner reports it
+            return None
+        if run.preempted:
+            _, moved = self.store.transition(
+                job_id,
+                S.JOB_STATE_QUEUED,
+                allowed_from=[S.JOB_STATE_RUNNING],
+                level=S.JOB_EVENT_LEVEL_WARNING,
+                message=f"{self.hostname} is shutting down; re-queued at step {run.steps} to resume from there",
+            )
+            if moved:
+                self.manager.send(job_id)
             return None
         if run.cancelled:
             done, moved = self.store.transition(
@@ -279,6 +300,12 @@ def build(models: ModelSettings, settings: FinetuneSettings, hostname: str) -> t
     app = make_celery(models, settings)
     worker = Worker(models, settings, app, hostname)
 
+    from celery.signals import worker_shutting_down
+
+    @worker_shutting_down.connect(weak=False)
+    def _stopping(**_: Any) -> None:
+        worker.stopping.set()
+
     @app.task(name=TRAIN_TASK, acks_late=True, reject_on_worker_lost=True)
     def train(job_id: str) -> str:
         outcome = worker.run(job_id)
@@ -289,8 +316,8 @@ def build(models: ModelSettings, settings: FinetuneSettings, hostname: str) -> t
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run a worker until SIGTERM (a warm shutdown: the running job finishes its step, and its message is
-    re-delivered because it is acknowledged only at the end)."""
+    """Run a worker until SIGTERM. Shutdown is warm: a running job saves a checkpoint after its current step and
+    goes back on the queue (another worker resumes it), then the worker exits."""
     parser = argparse.ArgumentParser(prog="genloom worker", description=__doc__.split("\n\n")[0])
     parser.add_argument("--hostname", default=f"genloom-{os.getpid()}@{socket.gethostname()}")
     parser.add_argument("--loglevel", default=os.environ.get("GENLOOM_LOG_LEVEL", "info"))

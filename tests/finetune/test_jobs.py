@@ -195,3 +195,39 @@ def test_list_jobs_pages_and_filters(ft: FineTuneServer) -> None:
     for j in made:
         with contextlib.suppress(grpc.RpcError):
             ft.stub.CancelJob(S.CancelJobRequest(job_id=j.id))
+
+
+def test_sigterm_checkpoints_and_requeues(ft: FineTuneServer, workers: Workers) -> None:
+    first = workers.start("leaving").wait_ready()
+    job = ft.create(tiny_spec(qa_records(64), epochs=40, checkpoint_interval_steps=1000))
+    ft.wait(job.id, timeout=300, until=lambda j: j.latest_metrics.step >= 3 or j.state in (4, 5, 6))
+    first.stop()  # SIGTERM: a warm shutdown
+    assert first.proc.returncode == 0
+    requeued = ft.get(job.id)
+    assert requeued.state == S.JOB_STATE_QUEUED
+    (ckpt,) = ft.stub.ListCheckpoints(S.ListCheckpointsRequest(job_id=job.id)).checkpoints
+    assert ckpt.step >= 3  # saved at the step it stopped on, although the interval is 1,000
+    second = workers.start("arriving").wait_ready()
+    final = ft.wait(job.id, timeout=600)
+    assert final.state == S.JOB_STATE_SUCCEEDED and final.worker == second.name
+    assert final.resumed_from_step == ckpt.step and final.attempts == 2
+
+
+def test_early_stopping_keeps_the_best(ft: FineTuneServer, shared_worker: WorkerProcess) -> None:
+    # A threshold no evaluation can beat: every evaluation after the first counts as no improvement.
+    spec = tiny_spec(
+        qa_records(40),
+        epochs=20,
+        checkpoint_interval_steps=1,
+        eval_interval_steps=1,
+        early_stopping_patience=2,
+        early_stopping_threshold=100.0,
+        max_checkpoints=2,
+    )
+    spec.validation_split = 0.2
+    job = ft.wait(ft.create(spec).id)
+    assert job.state == S.JOB_STATE_SUCCEEDED, job.error
+    assert job.latest_metrics.step == 3 < job.latest_metrics.total_steps
+    events = ft.events(job.id, follow=False)
+    evals = [e.metrics.validation_loss for e in events if e.metrics.HasField("validation_loss")]
+    assert len(evals) >= 3 and job.best_validation_loss == min(evals)
