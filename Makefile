@@ -64,6 +64,7 @@ bench: install
 	$(BIN)/python benchmarks/inference.py
 	$(BIN)/python benchmarks/classify.py
 	$(BIN)/python benchmarks/tasks.py
+	$(BIN)/python benchmarks/finetune.py --threads 1
 
 clean:
 	rm -f sdk/genloom/v1/*_pb2.py sdk/genloom/v1/*_pb2.pyi sdk/genloom/v1/*_pb2_grpc.py

@@ -267,7 +267,9 @@ class FineTuningServicer(finetune_pb2_grpc.FineTuningServiceServicer):
                     return
                 # Nothing new for a while: make sure the job has not ended (its last event may predate `cursor`).
                 current = await asyncio.to_thread(self.store.get_job, job.id)
-                if current is None or (current.state in TERMINAL and await self._ended_before(key, cursor)):
+                if current is None:
+                    raise NotFound(f"job {job.id} was deleted while it was being watched")
+                if current.state in TERMINAL and await self._ended_before(key, cursor):
                     return
                 continue
             for event_id, fields in rows:

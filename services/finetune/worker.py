@@ -328,6 +328,8 @@ def main(argv: list[str] | None = None) -> None:
     models = ModelSettings.from_env()
     settings = FinetuneSettings.from_env()
     app, worker = build(models, settings, args.hostname)
+    import genloom.services.finetune.training  # noqa: F401 - torch and transformers load now, not on the first job
+
     orphans = worker.manager.reap()  # jobs a previous worker left behind
     for job_id in orphans:
         worker.manager.validate(job_id)

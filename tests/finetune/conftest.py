@@ -130,8 +130,13 @@ class WorkerProcess:
     """A real `genloom worker` (python -m genloom.services.finetune.worker) in its own process group."""
 
     def __init__(self, env: FineTuneEnv, name: str, log_dir: Path) -> None:
-        self.name = f"{name}-{uuid.uuid4().hex[:6]}@test"
-        self.log = log_dir / f"{name}.log"
+        self.env, self.base, self.log_dir = env, name, log_dir
+        self.launch()
+
+    def launch(self) -> None:
+        self.name = f"{self.base}-{uuid.uuid4().hex[:6]}@test"
+        self.log = self.log_dir / f"{self.name}.log"
+        env = self.env
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "genloom.cli", "worker", "--hostname", self.name],
             env=env.env,
@@ -149,6 +154,12 @@ class WorkerProcess:
                 return self
             time.sleep(0.2)
         raise TimeoutError(f"worker not ready after {timeout}s:\n{self.log.read_text()[-3000:]}")
+
+    def restart(self) -> WorkerProcess:
+        """A fresh process in place of a killed one (under a new name)."""
+        self.kill()
+        self.launch()
+        return self.wait_ready()
 
     def kill(self) -> None:
         """kill -9 the whole worker (its process group)."""
