@@ -8,6 +8,7 @@ the caller did not expect, so two processes racing on one job cannot both win.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import uuid
@@ -24,7 +25,14 @@ from genloom.services.finetune.settings import FinetuneSettings
 from genloom.services.finetune.store import EVENT_NAMES, TERMINAL, Store, message_event, state_event
 from genloom.services.finetune.webhooks import deliver
 from genloom.services.models.registry import ModelRegistry, ModelSpec
-from genloom.services.server.errors import FieldViolation, InvalidArgument, NotFound, PermissionDenied
+from genloom.services.server.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
 from genloom.services.server.settings import ModelSettings
 from genloom.services.tokenizer.store import LoadedTokenizer, load_tokenizer
 from genloom.v1 import finetune_pb2
@@ -158,9 +166,9 @@ class JobManager:
             spec.method = S.FINE_TUNE_METHOD_LORA
         if not spec.HasField("validation_data") and not spec.HasField("validation_split"):
             spec.validation_split = DEFAULT_VALIDATION_SPLIT
-        spec.training_data.CopyFrom(self._data_source(spec.training_data, job_id, "training"))
+        spec.training_data.CopyFrom(self.store_data(spec.training_data, job_id, "training"))
         if spec.HasField("validation_data"):
-            spec.validation_data.CopyFrom(self._data_source(spec.validation_data, job_id, "validation"))
+            spec.validation_data.CopyFrom(self.store_data(spec.validation_data, job_id, "validation"))
         job = finetune_pb2.Job(
             id=job_id,
             state=S.JOB_STATE_VALIDATING,
@@ -181,18 +189,12 @@ class JobManager:
                 job, event, digest=digest, webhook_secret=request.webhook.secret if request.HasField("webhook") else ""
             )
         except KeyError as err:
-            from genloom.services.server.errors import AlreadyExists
-
             raise AlreadyExists(
                 f"idempotency_key {request.idempotency_key!r} was used for a different request (job {err.args[0]})"
             ) from None
         return self.store.with_last_event(stored), created
 
     def _idempotent(self, key: str, digest: str) -> finetune_pb2.Job | None:
-        import json
-
-        from genloom.services.server.errors import AlreadyExists
-
         raw = self.store.r.get(f"genloom:ft:idem:job:{key}")
         if not raw:
             return None
@@ -202,7 +204,7 @@ class JobManager:
         job = self.store.get_job(claimed["id"])
         return self.store.with_last_event(job) if job else None
 
-    def _data_source(
+    def store_data(
         self, source: finetune_pb2.TrainingDataSource, job_id: str, name: str
     ) -> finetune_pb2.TrainingDataSource:
         field = f"spec.{name}_data"
@@ -373,8 +375,6 @@ class JobManager:
     # -- cancel -------------------------------------------------------------------------------------------------
 
     def cancel(self, job_id: str) -> finetune_pb2.Job:
-        from genloom.services.server.errors import FailedPrecondition
-
         for _ in range(10):  # the job may move between reading and writing; retry on the new state
             job = self.store.get_job(job_id)
             if job is None:

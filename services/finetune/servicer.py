@@ -319,12 +319,10 @@ class FineTuningServicer(finetune_pb2_grpc.FineTuningServiceServicer):
         spec.base_job.base_model = base.name
         # Inline data is stored once for every trial (trials then name the stored file).
         sweep_id = new_sweep_id()
-        spec.base_job.training_data.CopyFrom(
-            self.manager._data_source(spec.base_job.training_data, sweep_id, "training")
-        )
+        spec.base_job.training_data.CopyFrom(self.manager.store_data(spec.base_job.training_data, sweep_id, "training"))
         if spec.base_job.HasField("validation_data"):
             spec.base_job.validation_data.CopyFrom(
-                self.manager._data_source(spec.base_job.validation_data, sweep_id, "validation")
+                self.manager.store_data(spec.base_job.validation_data, sweep_id, "validation")
             )
         sweep = finetune_pb2.Sweep(
             id=sweep_id, state=S.SWEEP_STATE_RUNNING, spec=spec, idempotency_key=request.idempotency_key

@@ -13,7 +13,7 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -79,7 +79,6 @@ class RunResult:
     best_validation_loss: float | None
     final_metrics: finetune_pb2.JobMetrics
     result_path: Path | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 class ExampleDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
