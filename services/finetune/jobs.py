@@ -349,7 +349,8 @@ class JobManager:
         )
         if moved:
             self.send(job.id)
-        return queued
+            return queued
+        return None  # cancelled meanwhile: whoever cancelled it reports the end
 
     def fail(
         self,
@@ -454,23 +455,46 @@ class JobManager:
 
     def _requeue_lost(self, job: finetune_pb2.Job) -> None:
         worker = job.worker or "its worker"
-        if job.attempts >= self.settings.max_attempts:
-            failed = self.fail(
-                job.id,
-                S.JOB_ERROR_CODE_WORKER_LOST,
-                f"{worker} stopped reporting during attempt {job.attempts} of {self.settings.max_attempts} "
-                "(GENLOOM_FINETUNE_MAX_ATTEMPTS)",
-                [S.JOB_STATE_RUNNING],
+
+        def still_lost(j: finetune_pb2.Job) -> bool:
+            # Nobody took the job over since we looked (a new owner takes the lease, then bumps attempts).
+            return (
+                j.attempts == job.attempts
+                and j.worker == job.worker
+                and self.store.lease_holder("lease", job.id) is None
             )
-            if failed is not None:
-                self.finished(failed)
-            return
+
         if self.store.cancel_flag(job.id):
             done, moved = self.store.transition(
-                job.id, S.JOB_STATE_CANCELLED, allowed_from=[S.JOB_STATE_RUNNING], message="cancelled"
+                job.id,
+                S.JOB_STATE_CANCELLED,
+                allowed_from=[S.JOB_STATE_RUNNING],
+                message="cancelled",
+                guard=still_lost,
             )
             if moved and done is not None:
                 self.finished(done)
+            return
+        if job.attempts >= self.settings.max_attempts:
+            message = (
+                f"{worker} stopped reporting during attempt {job.attempts} of {self.settings.max_attempts} "
+                "(GENLOOM_FINETUNE_MAX_ATTEMPTS)"
+            )
+
+            def set_error(j: finetune_pb2.Job) -> None:
+                j.error.CopyFrom(finetune_pb2.JobError(code=S.JOB_ERROR_CODE_WORKER_LOST, message=message))
+
+            failed, moved = self.store.transition(
+                job.id,
+                S.JOB_STATE_FAILED,
+                allowed_from=[S.JOB_STATE_RUNNING],
+                message=f"failed: {message}",
+                level=ERROR,
+                mutate=set_error,
+                guard=still_lost,
+            )
+            if moved and failed is not None:
+                self.finished(failed)
             return
         _, moved = self.store.transition(
             job.id,
@@ -479,6 +503,7 @@ class JobManager:
             level=WARNING,
             message=f"{worker} stopped reporting; re-queued to resume from its last checkpoint "
             f"(attempt {job.attempts + 1} of {self.settings.max_attempts})",
+            guard=still_lost,
         )
         if moved:
             logger.warning("job %s lost %s; re-queued", job.id, worker)

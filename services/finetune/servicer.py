@@ -256,6 +256,8 @@ class FineTuningServicer(finetune_pb2_grpc.FineTuningServiceServicer):
             if not found:
                 raise InvalidArgument.field("after_event_id", f"{after!r} is not an event of job {job.id}")
         follow = request.follow if request.HasField("follow") else True
+        if follow and after and await self._ended_before(key, after):
+            follow = False  # resuming after the end: send what came after it (webhook warnings) and stop
         cursor = after or "0-0"
         while True:
             rows = await self._aio.xrange(key, min=f"({cursor}" if cursor != "0-0" else "-", max="+", count=200)
@@ -366,6 +368,8 @@ class FineTuningServicer(finetune_pb2_grpc.FineTuningServiceServicer):
         for i, state in enumerate(request.states):
             if state == S.SWEEP_STATE_UNSPECIFIED or state not in S.SweepState.values():
                 raise InvalidArgument.field(f"states[{i}]", f"{state} is not a sweep state to filter by")
+        if request.order not in (0, 1, 2):
+            raise InvalidArgument.field("order", f"{request.order} is not a SortOrder")
         filters = spec_mod.request_digest(finetune_pb2.ListSweepsRequest(states=request.states, order=request.order))
         wanted = set(request.states)
 

@@ -201,15 +201,16 @@ def effective_eval_interval(hp: finetune_pb2.Hyperparameters, settings: Finetune
 
 
 def early_stopping_interval_problem(hp: finetune_pb2.Hyperparameters, settings: FinetuneSettings) -> str | None:
-    """With early stopping the best evaluation must be a saved checkpoint: every evaluation step has to be a
-    checkpoint step, i.e. the eval interval a multiple of the checkpoint interval. None when that holds."""
+    """With early stopping the result is the best checkpoint, judged by the validation loss measured when it was
+    saved: every checkpoint step has to be an evaluation step, i.e. the checkpoint interval a multiple of the
+    eval interval (transformers' Trainer requires the same). None when that holds."""
     checkpoint = effective_checkpoint_interval(hp, settings)
     evaluation = effective_eval_interval(hp, settings)
-    if evaluation % checkpoint == 0:
+    if checkpoint % evaluation == 0:
         return None
     return (
-        f"with early stopping every evaluation must fall on a checkpoint (the result is the best checkpoint): "
-        f"eval interval {evaluation} is not a multiple of the checkpoint interval {checkpoint}"
+        f"with early stopping every checkpoint must be evaluated (the result is the best checkpoint): the "
+        f"checkpoint interval {checkpoint} is not a multiple of the eval interval {evaluation}"
     )
 
 

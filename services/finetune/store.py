@@ -196,13 +196,16 @@ class Store:
         level: int = finetune_pb2.JOB_EVENT_LEVEL_INFO,
         mutate: Callable[[finetune_pb2.Job], None] | None = None,
         extra_events: Sequence[finetune_pb2.JobEvent] = (),
+        guard: Callable[[finetune_pb2.Job], bool] | None = None,
     ) -> tuple[finetune_pb2.Job | None, bool]:
-        """Move a job to state `to` if it is in one of `allowed_from`; (job after, whether it moved)."""
+        """Move a job to state `to` if it is in one of `allowed_from` (and `guard(job)` holds); (job after,
+        whether it moved)."""
         allowed = set(allowed_from)
         moved = [False]
 
         def change(job: finetune_pb2.Job) -> list[finetune_pb2.JobEvent] | bool:
-            if job.state not in allowed:
+            moved[0] = False  # a WATCH conflict runs this again on the newer record
+            if job.state not in allowed or (guard is not None and not guard(job)):
                 return False
             job.state = to  # type: ignore[assignment]
             if mutate is not None:
@@ -237,8 +240,15 @@ class Store:
         return newest[0][0].decode() if newest else ""
 
     def with_last_event(self, job: finetune_pb2.Job) -> finetune_pb2.Job:
-        job.last_event_id = self.last_event_id(job.id)
-        return job
+        """The job as stored now with its newest event id, read in one transaction (a record and its events are
+        written together, so the id never runs ahead of the record)."""
+        with self.r.pipeline(transaction=True) as pipe:
+            pipe.get(job_key(job.id))
+            pipe.xrevrange(events_key(job.id), count=1)
+            raw, newest = pipe.execute()
+        fresh = finetune_pb2.Job.FromString(raw) if raw else job
+        fresh.last_event_id = newest[0][0].decode() if newest else ""
+        return fresh
 
     def list_jobs(self, ids_after: float | None, ascending: bool, count: int) -> list[tuple[str, float]]:
         """Job ids with their creation scores, after score `ids_after` exclusive, in the requested order."""
@@ -274,15 +284,16 @@ class Store:
 
     # -- checkpoints --------------------------------------------------------------------------------------------
 
-    def record_checkpoint(self, job_id: str, ckpt: finetune_pb2.Checkpoint, kept: Sequence[str]) -> None:
-        """Add `ckpt` and forget checkpoints no longer on disk (Trainer rotates old ones out)."""
+    def record_checkpoint(self, job_id: str, ckpt: finetune_pb2.Checkpoint | None, kept: Sequence[str]) -> None:
+        """Add `ckpt` (if any) and forget checkpoints no longer on disk (Trainer rotates old ones out)."""
         key = f"{P}ckpt:{job_id}"
         stored = self.r.hgetall(key)
         with self.r.pipeline() as pipe:
             for step, raw in stored.items():
                 if finetune_pb2.Checkpoint.FromString(raw).name not in kept:
                     pipe.hdel(key, step)
-            pipe.hset(key, str(ckpt.step), ckpt.SerializeToString())
+            if ckpt is not None:
+                pipe.hset(key, str(ckpt.step), ckpt.SerializeToString())
             pipe.execute()
 
     def checkpoints(self, job_id: str) -> list[finetune_pb2.Checkpoint]:

@@ -20,7 +20,7 @@ import uuid
 from google.protobuf import json_format
 
 from genloom.services.finetune import search
-from genloom.services.finetune.jobs import JobManager
+from genloom.services.finetune.jobs import Heartbeat, JobManager
 from genloom.services.finetune.store import SWEEP_TERMINAL, TERMINAL, P
 from genloom.services.finetune.webhooks import deliver
 from genloom.services.server.errors import ServiceError
@@ -48,18 +48,19 @@ class SweepController:
             self.advance(job.sweep_id)
 
     def advance(self, sweep_id: str) -> finetune_pb2.Sweep | None:
-        lock = f"{P}sweeplock:{sweep_id}"
         token = uuid.uuid4().hex
         for _ in range(100):  # another process is advancing it: wait for it, then look again
-            if self.store.r.set(lock, token, nx=True, px=60_000):
+            if self.store.acquire_lease("sweeplock", sweep_id, token, 30):
                 break
             threading.Event().wait(0.05)
         else:
             return self.store.get_sweep(sweep_id)
+        # Kept alive while trials are created (each validates its data), so no second process advances at once.
+        beat = Heartbeat(self.store, "sweeplock", sweep_id, token, 30).start()
         try:
             return self._advance(sweep_id)
         finally:
-            self.store.release_lease("sweeplock", sweep_id, token)
+            beat.stop()
 
     def _advance(self, sweep_id: str) -> finetune_pb2.Sweep | None:
         sweep = self.store.get_sweep(sweep_id)
@@ -166,6 +167,7 @@ class SweepController:
         ended = [False]
 
         def change(stored: finetune_pb2.Sweep) -> bool | None:
+            ended[0] = False  # a WATCH conflict runs this again
             if stored.state in SWEEP_TERMINAL:
                 return False
             del stored.trials[:]

@@ -115,7 +115,7 @@ class PadCollator:
 def choose_precision(precision: int) -> str:
     """ "bf16", "fp16" or "fp32" for this machine; Unsupported when the job insists on what it lacks."""
     cuda = torch.cuda.is_available()
-    bf16 = cuda and torch.cuda.is_bf16_supported()
+    bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
     if precision == finetune_pb2.PRECISION_BF16:
         if not bf16:
             raise Unsupported("PRECISION_BF16 needs a CUDA device with bf16 support; this worker has none")
@@ -207,6 +207,7 @@ def training_arguments(
         metric_for_best_model="eval_loss" if early else None,
         greater_is_better=False if early else None,
         include_num_input_tokens_seen="non_padding",
+        restore_callback_states_from_checkpoint=True,  # early stopping's patience survives a resume
         remove_unused_columns=False,
         report_to="none",
         disable_tqdm=True,
@@ -227,6 +228,7 @@ class _Reporter(TrainerCallback):
         self.last_train_loss: float | None = None
         self.last_eval_loss: float | None = None
         self.last_eval_step = -1
+        self.last_saved_step = -1
         self._mark: tuple[float, int, int] | None = None  # (time, tokens, step) at the previous training log
         self._started = time.monotonic()
         self._start_step = 0
@@ -250,7 +252,8 @@ class _Reporter(TrainerCallback):
             control.should_evaluate = False
 
     def on_epoch_end(self, args: Any, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
-        if not self.cancelled and state.global_step < state.max_steps:
+        stopping = self.cancelled or self.preempted or control.should_training_stop
+        if not stopping and state.global_step < state.max_steps and self.last_saved_step != state.global_step:
             control.should_save = True  # a checkpoint at the end of every epoch (the last step saves anyway)
 
     def on_log(
@@ -286,6 +289,7 @@ class _Reporter(TrainerCallback):
         self.hooks.metrics(m)
 
     def on_save(self, args: Any, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        self.last_saved_step = state.global_step
         name = f"checkpoint-{state.global_step}"
         path = self.out_dir / name
         ckpt = finetune_pb2.Checkpoint(

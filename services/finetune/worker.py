@@ -14,6 +14,7 @@ that later forks; run one worker process per GPU (CUDA_VISIBLE_DEVICES) and seve
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import socket
@@ -29,6 +30,7 @@ from genloom.services.finetune import registry
 from genloom.services.finetune.jobs import Heartbeat, JobManager
 from genloom.services.finetune.settings import FinetuneSettings
 from genloom.services.finetune.store import TERMINAL, Store, message_event
+from genloom.services.server.errors import ServiceError
 from genloom.services.server.settings import ModelSettings
 from genloom.v1 import finetune_pb2
 
@@ -60,8 +62,8 @@ def make_celery(models: ModelSettings, settings: FinetuneSettings) -> Celery:
 
 
 def sender(app: Celery, settings: FinetuneSettings) -> Any:
-    def send(job_id: str) -> None:
-        app.send_task(TRAIN_TASK, args=[job_id], queue=settings.queue)
+    def send(job_id: str, countdown: float | None = None) -> None:
+        app.send_task(TRAIN_TASK, args=[job_id], queue=settings.queue, countdown=countdown)
 
     return send
 
@@ -143,19 +145,32 @@ class Worker:
             return "handed back (shutting down)"
         token = uuid.uuid4().hex
         if not self.store.acquire_lease("lease", job_id, token, self.settings.lease_seconds):
+            current = self.store.get_job(job_id)
+            if current is not None and current.state == S.JOB_STATE_QUEUED:
+                # Queued but still leased: its previous worker is letting go (a hand-back at shutdown, or a lease
+                # about to lapse). Try again later rather than drop the only message for it.
+                self.manager.send(job_id, countdown=self.settings.lease_seconds / 3)
+                return "still leased; retrying shortly"
             return "running on another worker"
         beat = Heartbeat(self.store, "lease", job_id, token, self.settings.lease_seconds).start()
-        ended: finetune_pb2.Job | None = None
+        outcome: finetune_pb2.Job | str | None = None
         try:
-            ended = self._run(job_id, beat)
+            outcome = self._run(job_id, beat)
         finally:
             beat.stop()
-        if ended is not None:
-            self.manager.finished(ended)
-            return S.JobState.Name(ended.state)
+            gc.collect()  # the model and optimizer of this job, before the next one loads
+            if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
+                sys.modules["torch"].cuda.empty_cache()
+        if outcome == _HANDED_BACK:
+            self.manager.send(job_id)  # only now that the lease is released
+            return "handed back (shutting down)"
+        if isinstance(outcome, finetune_pb2.Job):
+            self.manager.finished(outcome)
+            return S.JobState.Name(outcome.state)
         return "stopped"
 
-    def _run(self, job_id: str, beat: Heartbeat) -> finetune_pb2.Job | None:
+    def _run(self, job_id: str, beat: Heartbeat) -> finetune_pb2.Job | str | None:
+        """Train the job; the job if it ended, _HANDED_BACK if it must go back on the queue, else None."""
         from genloom.services.finetune import training
 
         job = self.store.get_job(job_id)
@@ -195,7 +210,15 @@ class Worker:
         try:
             base = self.manager.base_model(job.spec.base_model)
             tok = self.manager.tokenizer(base)
+        except (ServiceError, OSError, ValueError) as err:
+            message = f"the base model could not be loaded: {err}"
+            return self.manager.fail(job_id, S.JOB_ERROR_CODE_MODEL_UNAVAILABLE, message, [S.JOB_STATE_RUNNING])
+        try:
             found = self.manager.read_data(job, tok)
+        except (ServiceError, OSError, ValueError) as err:
+            message = f"the training data could not be read: {err}"
+            return self.manager.fail(job_id, S.JOB_ERROR_CODE_INVALID_DATA, message, [S.JOB_STATE_RUNNING])
+        try:
             result_dir = self.manager.job_dir(job_id) / "result"
             run = training.run(
                 method=job.spec.method,
@@ -230,6 +253,12 @@ class Worker:
             )
         if beat.lost:  # the job was re-queued while this worker stalled: its new owner reports it
             return None
+        kept = sorted(p.name for p in out_dir.glob("checkpoint-*") if p.is_dir())
+        self.store.record_checkpoint(job_id, None, kept)  # Trainer may delete checkpoints as the run ends
+
+        def hand_back(j: finetune_pb2.Job) -> None:
+            j.attempts -= 1  # a shutdown is not a lost worker: it does not count against max_attempts
+
         if run.preempted:
             _, moved = self.store.transition(
                 job_id,
@@ -237,10 +266,9 @@ class Worker:
                 allowed_from=[S.JOB_STATE_RUNNING],
                 level=S.JOB_EVENT_LEVEL_WARNING,
                 message=f"{self.hostname} is shutting down; re-queued at step {run.steps} to resume from there",
+                mutate=hand_back,
             )
-            if moved:
-                self.manager.send(job_id)
-            return None
+            return _HANDED_BACK if moved else None
         if run.cancelled:
             done, moved = self.store.transition(
                 job_id,
@@ -251,6 +279,7 @@ class Worker:
             return done if moved else None
         method = "full" if job.spec.method == S.FINE_TUNE_METHOD_FULL else "lora"
         name = registry.model_name(job.spec.base_model, job.spec.suffix, job_id)
+        # Registered before the job says it succeeded, so the name is servable the moment a client sees that.
         registry.register(
             self.store.r,
             registry.FineTunedModel(name, job.spec.base_model, method, str(run.result_path), job_id),
@@ -264,8 +293,9 @@ class Worker:
             merged.CopyFrom(j.latest_metrics)
             merged.MergeFrom(run.final_metrics)
             j.latest_metrics.CopyFrom(merged)
-            if run.best_validation_loss is not None:
-                j.best_validation_loss = run.best_validation_loss
+            best = run.best_validation_loss
+            if best is not None and (not j.HasField("best_validation_loss") or best < j.best_validation_loss):
+                j.best_validation_loss = best  # (a resumed run only saw the evaluations since it resumed)
 
         done, moved = self.store.transition(
             job_id,
@@ -274,7 +304,10 @@ class Worker:
             message=f"succeeded after {run.steps} steps: {name}",
             mutate=succeed,
         )
-        return done if moved else None
+        if not moved:
+            self.store.r.delete(registry.key(name))  # cancelled or taken over at the very end: not a result
+            return None
+        return done
 
     def _resume_point(self, job_id: str, out_dir: Path) -> tuple[int, Path] | None:
         """The newest checkpoint that was completely saved (recorded after Trainer wrote it) and is on disk."""
@@ -285,6 +318,7 @@ class Worker:
         return None
 
 
+_HANDED_BACK = "handed back"
 _OOM = "out of memory: lower batch_size or max_seq_length, or enable gradient_checkpointing"
 
 

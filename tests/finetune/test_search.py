@@ -332,7 +332,7 @@ SWEEP_CASES: list[tuple[str, Callable[[], ft.SweepSpec], list[str]]] = [
     ("patience 0 only without validation", lambda: _no_validation(sweep(choice("early_stopping_patience", 0))), []),
     (
         "patience with base eval between checkpoints",
-        lambda: _set_hp(sweep(int_range("early_stopping_patience", 1, 3)), eval_interval_steps=50),
+        lambda: _set_hp(sweep(int_range("early_stopping_patience", 1, 3)), eval_interval_steps=300),
         ["spec.search_space[0]"],
     ),
     (

@@ -1,8 +1,10 @@
 """Fine-tuned model names ("ft:<base>:<suffix>:<job-id>") served hot by the inference, tokenizer and task services.
 
-Everything is real: a PEFT LoRA adapter for the default model (random non-zero B, so it changes outputs) in a temp
-directory, registered in the real Redis the way a fine-tuning worker registers a succeeded job, and the tokenizer,
-inference (the session's shared `hf` engine) and task services on one genloom server reached over gRPC.
+Everything is real: a PEFT LoRA adapter for the default model (random non-zero B, so it changes outputs) and a
+fully fine-tuned copy of the default model (one layer's weights perturbed) in temp directories, registered in the
+real Redis the way a fine-tuning worker registers a succeeded job, and the tokenizer, inference (the session's
+shared `hf` engine; a full fine-tune gets an `hf` engine of its own) and task services on one genloom server reached
+over gRPC.
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import math
 import secrets
+import shutil
 import socket
 import string
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +28,10 @@ import torch
 
 from genloom.services.finetune import registry
 from genloom.services.finetune.registry import FineTunedModel
-from genloom.services.inference.servicer import InferenceServicer
+from genloom.services.inference.engine import Engine, EngineDeadError
+from genloom.services.inference.servicer import InferenceServicer, create_engine
 from genloom.services.inference.settings import InferenceSettings
+from genloom.services.models.registry import ModelSpec
 from genloom.services.server.app import GenloomServer
 from genloom.services.server.settings import ModelSettings, ServerSettings
 from genloom.services.tokenizer.servicer import TokenizerServicer
@@ -75,6 +81,47 @@ def lora_dir(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     path = tmp_path_factory.mktemp("ft-lora")
     peft_model.save_pretrained(str(path))
     return path
+
+
+# A plain-text prompt as token ids, so transformers can be given exactly what the engine is given.
+FULL_PROMPT_TEXT = "My favourite colours are"
+FULL_NEW_TOKENS = 8
+
+
+@dataclass(frozen=True)
+class FullModel:
+    path: Path
+    prompt_ids: list[int]
+    expected: list[int]  # transformers' own greedy continuation of prompt_ids with these weights
+
+
+@pytest.fixture(scope="module")
+def full_model(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> FullModel:
+    """What a full fine-tuning job leaves: a whole model directory (config, safetensors, tokenizer files) whose
+    weights differ from the base model's (the last layer's MLP output projection perturbed)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("ft-full")
+    for item in default_model_dir.iterdir():
+        if item.is_file() and item.suffix != ".safetensors" and not item.name.startswith("."):
+            shutil.copy(item, path / item.name)
+    model = AutoModelForCausalLM.from_pretrained(str(default_model_dir), dtype=torch.float32)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        weight = model.model.layers[-1].mlp.down_proj.weight
+        weight.add_(torch.randn_like(weight) * weight.std())
+    model.save_pretrained(str(path))
+    prompt_ids = list(AutoTokenizer.from_pretrained(str(path))(FULL_PROMPT_TEXT, add_special_tokens=False).input_ids)
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt_ids]),
+            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            max_new_tokens=FULL_NEW_TOKENS,
+            do_sample=False,
+        )
+    expected = out[0, len(prompt_ids) :].tolist()
+    del model
+    return FullModel(path, prompt_ids, expected)
 
 
 Register = Callable[..., str]
@@ -257,9 +304,15 @@ async def test_bad_ft_names_get_clear_statuses(stack: TaskStack, register: Regis
     code, details = await status_of(stub.Generate(generate_request(other_base)))
     assert code == grpc.StatusCode.NOT_FOUND and "'other-model'" in details
 
+    # A full fine-tune is a model, not an adapter; and one whose directory is gone says so.
     full = register(method="full", path=default_model_dir)
-    code, details = await status_of(stub.Generate(generate_request(full)))
-    assert code == grpc.StatusCode.FAILED_PRECONDITION and "GENLOOM_MODELS" in details
+    code, details = await status_of(stub.Generate(generate_request(full, adapter="some-adapter")))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "model.adapter" in details
+    code, details = await status_of(stub.Generate(generate_request(adapter=full)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "not an adapter" in details
+    gone = register(method="full", path=default_model_dir / "no-such-model")
+    code, details = await status_of(stub.Generate(generate_request(gone)))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "no config.json" in details
 
     missing = register(path=default_model_dir / "no-such-adapter")
     code, details = await status_of(stub.Generate(generate_request(missing)))
@@ -367,3 +420,176 @@ async def test_tasks_run_on_an_ft_name(stack: TaskStack, register: Register) -> 
         )
     )
     assert code == grpc.StatusCode.NOT_FOUND and unknown in details
+
+
+# -- fully fine-tuned models --------------------------------------------------------------------------------------
+
+
+def full_request(full_model: FullModel, model: str = "", max_new_tokens: int = FULL_NEW_TOKENS) -> Any:
+    return inference_pb2.GenerateRequest(
+        model=common_pb2.ModelRef(model=model),
+        prompt=inference_pb2.Prompt(token_ids=tokenizer_pb2.TokenIds(ids=full_model.prompt_ids)),
+        sampling=inference_pb2.SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0),
+    )
+
+
+async def full_models_listed(stub: inference_pb2_grpc.InferenceServiceStub) -> dict[str, inference_pb2.ModelSummary]:
+    models = (await stub.ListModels(inference_pb2.ListModelsRequest())).models
+    return {m.name: m for m in models if m.kind == inference_pb2.MODEL_KIND_FINE_TUNED_FULL}
+
+
+async def test_full_ft_model_is_served_hot_by_an_engine_of_its_own(
+    stack: TaskStack, register: Register, full_model: FullModel
+) -> None:
+    stub = inference(stack)
+    name = fresh_name()
+    code, _ = await status_of(stub.Generate(full_request(full_model, name)))
+    assert code == grpc.StatusCode.NOT_FOUND  # its job has not succeeded yet
+
+    register(name, method="full", path=full_model.path)  # the job succeeds: served at once, no restart
+    described = await stub.GetModelInfo(inference_pb2.GetModelInfoRequest(model=name))
+    assert (described.kind, described.base_model, described.source) == (
+        inference_pb2.MODEL_KIND_FINE_TUNED_FULL,
+        DEFAULT_MODEL,
+        str(full_model.path),
+    )
+    assert not described.ready and name not in await full_models_listed(stub)  # started on first use only
+
+    tuned = await stub.Generate(full_request(full_model, name))
+    base = await stub.Generate(full_request(full_model))
+    assert tuned.model == common_pb2.ModelRef(model=name)
+    assert list(tuned.token_ids) == full_model.expected[: len(tuned.token_ids)] and tuned.token_ids
+    assert list(tuned.token_ids) != list(base.token_ids)
+
+    stream_request = inference_pb2.GenerateStreamRequest(
+        model=common_pb2.ModelRef(model=name),
+        prompt=inference_pb2.Prompt(token_ids=tokenizer_pb2.TokenIds(ids=full_model.prompt_ids)),
+        sampling=inference_pb2.SamplingParams(max_new_tokens=FULL_NEW_TOKENS, temperature=0.0),
+    )
+    messages = [m async for m in stub.GenerateStream(stream_request)]
+    assert "".join(m.delta.text for m in messages if m.HasField("delta")) == tuned.text
+    assert messages[-1].finish.model.model == name
+
+    listed = await full_models_listed(stub)
+    assert listed[name].base_model == DEFAULT_MODEL and listed[name].ready and not listed[name].is_default
+    described = await stub.GetModelInfo(inference_pb2.GetModelInfoRequest(model=name))
+    assert described.ready and described.engine == inference_pb2.ENGINE_HF and not described.supports_lora
+    base_described = await stub.GetModelInfo(inference_pb2.GetModelInfoRequest())
+    assert described.name == name and described.vocab_size == base_described.vocab_size
+
+    items = [
+        inference_pb2.ScoreItem(
+            prompt=inference_pb2.Prompt(text="The capital of France is"), candidates=[" Paris", " London"]
+        )
+    ]
+    tuned_score = await stub.Score(inference_pb2.ScoreRequest(model=common_pb2.ModelRef(model=name), items=items))
+    base_score = await stub.Score(inference_pb2.ScoreRequest(items=items))
+    assert tuned_score.model == common_pb2.ModelRef(model=name)
+    tuned_lp = [c.sum_logprob for c in tuned_score.results[0].candidates]
+    base_lp = [c.sum_logprob for c in base_score.results[0].candidates]
+    assert all(math.isfinite(lp) and lp < 0 for lp in tuned_lp)
+    assert max(abs(t - b) for t, b in zip(tuned_lp, base_lp, strict=True)) > 1e-3
+
+    # Tasks and the tokenizer accept the name too.
+    classified = await stack.stub.Classify(
+        tasks_pb2.ClassifyRequest(model=common_pb2.ModelRef(model=name), texts=REVIEWS, labels=POS_NEG)
+    )
+    base_classified = await stack.stub.Classify(tasks_pb2.ClassifyRequest(texts=REVIEWS, labels=POS_NEG))
+    assert classified.model.model == name and all(r.label in {"positive", "negative"} for r in classified.results)
+    tuned_p = [p.probability for r in classified.results for p in r.probabilities]
+    base_p = [p.probability for r in base_classified.results for p in r.probabilities]
+    assert max(abs(t - b) for t, b in zip(tuned_p, base_p, strict=True)) > 1e-4
+    info = await tokenizer(stack).GetTokenizerInfo(tokenizer_pb2.GetTokenizerInfoRequest(model=name))
+    assert info.model == name
+
+
+async def test_full_ft_engines_beyond_the_limit_are_evicted_least_recently_used(
+    stack: TaskStack, register: Register, full_model: FullModel
+) -> None:
+    stub = inference(stack)  # the stack's servicer runs at most one (GENLOOM_MAX_FULL_MODELS=1)
+    first, second = (register(method="full", path=full_model.path) for _ in range(2))
+    await stub.Generate(full_request(full_model, first, max_new_tokens=1))
+    assert first in await full_models_listed(stub)
+    again = await stub.Generate(full_request(full_model, second))
+    assert set(await full_models_listed(stub)) == {second}  # the first, idle, was shut down to make room
+    assert list(again.token_ids) == full_model.expected[: len(again.token_ids)]
+
+    # While a request runs on the second, it is not shut down: the first has to wait.
+    long_request = inference_pb2.GenerateStreamRequest(
+        model=common_pb2.ModelRef(model=second),
+        prompt=inference_pb2.Prompt(token_ids=tokenizer_pb2.TokenIds(ids=full_model.prompt_ids)),
+        sampling=inference_pb2.SamplingParams(max_new_tokens=400, temperature=0.0, ignore_eos=True),
+    )
+    call = stub.GenerateStream(long_request)
+    await call.read()  # running (and pinned) now
+    code, details = await status_of(stub.Generate(full_request(full_model, first, max_new_tokens=1)))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "GENLOOM_MAX_FULL_MODELS" in details
+    call.cancel()
+
+    for _ in range(50):  # the cancelled request lets go of its engine as its handler unwinds
+        try:
+            reloaded = await stub.Generate(full_request(full_model, first))
+            break
+        except grpc.aio.AioRpcError as err:
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            await asyncio.sleep(0.1)
+    else:
+        pytest.fail("the first full model never came back after the request on the second was cancelled")
+    assert reloaded.model.model == first and list(reloaded.token_ids) == list(again.token_ids)  # reloaded on demand
+    assert set(await full_models_listed(stub)) == {first}
+
+
+class CountingFactory:
+    """The real engine factory, counting the engines it makes."""
+
+    def __init__(self) -> None:
+        self.made: list[Engine] = []
+
+    def __call__(self, spec: ModelSpec, settings: InferenceSettings, window: int) -> Engine:
+        engine = create_engine(spec, settings, window)
+        self.made.append(engine)
+        return engine
+
+
+async def test_concurrent_first_requests_start_one_engine_and_close_stops_it(
+    hf_engine: Any, default_model_dir: Path, register: Register, full_model: FullModel
+) -> None:
+    factory = CountingFactory()
+    models = ModelSettings(model=DEFAULT_MODEL, model_cache=default_model_dir.parent)
+    servicer = InferenceServicer(models, InferenceSettings(), engine_factory=factory, engine=hf_engine)
+    server = GenloomServer(ServerSettings(port=0, shutdown_grace=1.0), [servicer])
+    await server.start()
+    await server.wait_ready()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        name = register(method="full", path=full_model.path)
+        results = await asyncio.gather(*(stub.Generate(full_request(full_model, name, 2)) for _ in range(3)))
+        assert len({tuple(r.token_ids) for r in results}) == 1
+        assert len(factory.made) == 1 and factory.made[0] is not hf_engine
+        assert factory.made[0].info().engine == "hf"  # the main engine's kind, whatever GENLOOM_ENGINE=auto picks
+    finally:
+        await channel.close()
+        await server.stop(1.0)
+    with pytest.raises(EngineDeadError):  # shut down with the server
+        await factory.made[0].check_health()
+    await hf_engine.check_health()  # the shared main engine was left running
+
+
+async def test_no_full_models_when_the_limit_is_zero(
+    hf_engine: Any, default_model_dir: Path, register: Register, full_model: FullModel
+) -> None:
+    models = ModelSettings(model=DEFAULT_MODEL, model_cache=default_model_dir.parent)
+    servicer = InferenceServicer(models, InferenceSettings(max_full_models=0), engine=hf_engine)
+    server = GenloomServer(ServerSettings(port=0, shutdown_grace=1.0), [servicer])
+    await server.start()
+    await server.wait_ready()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        name = register(method="full", path=full_model.path)
+        code, details = await status_of(stub.Generate(full_request(full_model, name)))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "GENLOOM_MAX_FULL_MODELS" in details
+    finally:
+        await channel.close()
+        await server.stop(1.0)

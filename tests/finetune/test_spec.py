@@ -263,15 +263,16 @@ def test_early_stopping_needs_validation() -> None:
     [
         (0, 0, True),  # evaluate at every checkpoint (the default)
         (100, 100, True),
-        (100, 200, True),  # every evaluation is on a checkpoint
-        (100, 50, False),  # the step-50 evaluation would have no checkpoint to return
+        (100, 200, False),  # the step-100 checkpoint would have no validation loss to rank it by
+        (100, 50, True),  # every checkpoint is evaluated (and more often in between)
         (100, 150, False),
-        (0, 300, True),  # the checkpoint interval defaults to GENLOOM_FINETUNE_CHECKPOINT_STEPS (100)
+        (0, 300, False),  # the checkpoint interval defaults to GENLOOM_FINETUNE_CHECKPOINT_STEPS (100)
+        (0, 50, True),
         (0, 150, False),
         (40, 0, True),  # eval interval defaults to the checkpoint interval
     ],
 )
-def test_early_stopping_evaluates_only_on_checkpoints(checkpoint: int, evaluation: int, accepted: bool) -> None:
+def test_early_stopping_evaluates_every_checkpoint(checkpoint: int, evaluation: int, accepted: bool) -> None:
     spec = valid_spec(early_stopping_patience=2, checkpoint_interval_steps=checkpoint, eval_interval_steps=evaluation)
     violations = spec_mod.check_job_spec(spec, SETTINGS)
     assert fields(violations) == ([] if accepted else ["spec.hyperparameters.eval_interval_steps"])
@@ -282,10 +283,10 @@ def test_early_stopping_evaluates_only_on_checkpoints(checkpoint: int, evaluatio
 
 def test_checkpoint_default_in_the_interval_rule_follows_the_setting() -> None:
     spec = valid_spec(early_stopping_patience=1, eval_interval_steps=50)
-    assert fields(spec_mod.check_job_spec(spec, FinetuneSettings(checkpoint_steps=100))) == [
+    assert fields(spec_mod.check_job_spec(spec, FinetuneSettings(checkpoint_steps=25))) == [
         "spec.hyperparameters.eval_interval_steps"
     ]
-    assert spec_mod.check_job_spec(spec, FinetuneSettings(checkpoint_steps=25)) == []
+    assert spec_mod.check_job_spec(spec, FinetuneSettings(checkpoint_steps=100)) == []
 
 
 # -- effective hyperparameters ----------------------------------------------------------------------------------
