@@ -8,12 +8,19 @@ LoadAdapter directory and loaded into the engine under its own name, so a job's 
 job succeeds, without a restart. Adapters loaded this way are evicted least-recently-used when the engine's
 adapter slots (GENLOOM_MAX_LORAS) are full; an adapter is pinned while a request runs with it, so eviction never
 pulls it from under a generation.
+
+A fully fine-tuned result (a whole model directory) can't be an adapter: on first use it gets an engine of its own,
+of the main engine's kind and settings, with the base model's context window. At most GENLOOM_MAX_FULL_MODELS such
+engines run at once; to start another, the least recently used one no request is using is shut down, the same
+pinning rule as for adapters. The extra engines are not part of health: one that dies is dropped and started again
+by the next request that names its model, while the server keeps serving its base model.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import re
@@ -21,7 +28,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -116,12 +123,28 @@ class LoadedAdapter:
         return bool(self.job_id)
 
 
+@dataclass(eq=False)
+class FullModelEngine:
+    """A fully fine-tuned model served by an engine of its own (started on first use, evicted least recently used)."""
+
+    model: FineTunedModel
+    engine: Engine
+    tokenizer: LoadedTokenizer
+    loaded_at: datetime
+    users: int = 0  # requests running on it now: it is only shut down to make room when this is 0
+    last_used: float = field(default_factory=time.monotonic)
+
+
 @dataclass
 class ResolvedModel:
-    """A request's model: what its response echoes, and the adapter it runs with (pinned until the request ends)."""
+    """A request's model: what its response echoes, the engine and tokenizer that serve it, and the adapter or
+    full-model engine it runs with (pinned until the request ends)."""
 
     echo: common_pb2.ModelRef
+    engine: Engine
+    tokenizer: LoadedTokenizer
     adapter: LoadedAdapter | None = None
+    full: FullModelEngine | None = None
 
     @property
     def engine_adapter(self) -> str | None:
@@ -144,6 +167,8 @@ class Generation:
     prompt: PreparedPrompt
     model: common_pb2.ModelRef
     received: float
+    engine: Engine
+    tokenizer: LoadedTokenizer
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
@@ -172,7 +197,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self._hidden_size = 0
         self._adapters: dict[str, LoadedAdapter] = {}
         self._adapter_lock = asyncio.Lock()
-        self._in_flight: set[str] = set()
+        self._full_models: dict[str, FullModelEngine] = {}  # by ft name; at most settings.max_full_models
+        self._full_lock = asyncio.Lock()  # one engine start at a time: concurrent first requests start it once
+        self._in_flight: dict[str, Engine] = {}  # request id -> the engine running it (for Abort)
         self._report_health: Callable[[bool], Awaitable[None]] | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._dead = False
@@ -206,6 +233,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def close(self) -> None:
         if self._monitor is not None:
             self._monitor.cancel()
+        for full in list(self._full_models.values()):
+            await self._stop_full_model(full)
         if self.engine is not None and self._given_engine is None:
             await self.engine.shutdown()
         elif self.engine is not None:
@@ -222,6 +251,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         assert self.engine is not None
         while True:
             await asyncio.sleep(HEALTH_INTERVAL_S)
+            for full in list(self._full_models.values()):
+                try:
+                    await full.engine.check_health()
+                except EngineDeadError:
+                    await self._engine_failed(full.engine)
             try:
                 await self.engine.check_health()
             except EngineDeadError:
@@ -232,6 +266,17 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 logger.info("the inference engine is healthy again")
                 if self._report_health is not None:
                     await self._report_health(True)
+
+    async def _engine_failed(self, engine: Engine) -> None:
+        """`engine` raised EngineDeadError: the main engine flips health; a full model's engine is dropped (and
+        shut down), so the next request naming its model starts a fresh one."""
+        if engine is self.engine:
+            await self._engine_died()
+            return
+        for full in list(self._full_models.values()):
+            if full.engine is engine:
+                logger.error("the engine serving %s died; it is started again on its next request", full.model.name)
+                await self._stop_full_model(full)
 
     async def _engine_died(self) -> None:
         if self._dead:
@@ -284,7 +329,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             return await self._score(request, model)
 
     async def _score(self, request: inference_pb2.ScoreRequest, model: ResolvedModel) -> inference_pb2.ScoreResponse:
-        engine, tok = self._ready()
+        engine, tok = model.engine, model.tokenizer
         s = self.settings
         if not request.items:
             raise InvalidArgument.field("items", "must contain at least one item")
@@ -312,7 +357,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             encoded = [enc.ids for enc in tok.encode(list(item.candidates), False)]
             longest = max(len(ids) for ids in encoded)
             prompt = self._prompt(
-                item.prompt, f"{field}.prompt", add_special, request.truncation, reserve=longest, for_score=True
+                item.prompt, f"{field}.prompt", tok, add_special, request.truncation, reserve=longest, for_score=True
             )
             prompts.append(prompt)
             candidate_ids.append(encoded)
@@ -320,8 +365,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         try:
             scores = await engine.score(queries)
         except EngineDeadError:
-            await self._engine_died()
-            raise Unavailable("the inference engine is not available") from None
+            await self._engine_failed(engine)
+            raise Unavailable("the inference engine is not available; retry later") from None
         except AdapterError as err:
             raise NotFound(str(err)) from None
         except EngineError as err:
@@ -344,10 +389,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def Abort(
         self, request: inference_pb2.AbortRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.AbortResponse:
-        engine, _ = self._ready()
+        self._ready()
         if not request.request_id:
             raise InvalidArgument.field("request_id", "is required")
-        if request.request_id not in self._in_flight:
+        engine = self._in_flight.get(request.request_id)  # the main engine, or a full fine-tuned model's
+        if engine is None:
             return inference_pb2.AbortResponse(aborted=False)
         return inference_pb2.AbortResponse(aborted=await engine.abort(request.request_id))
 
@@ -368,17 +414,30 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             )
         ]
         # Fine-tuned models this server has loaded (others are registered in Redis and loaded on first use).
-        for adapter in sorted((a for a in self._adapters.values() if a.fine_tuned), key=lambda a: a.name):
-            models.append(
-                inference_pb2.ModelSummary(
-                    name=adapter.name,
-                    kind=inference_pb2.MODEL_KIND_FINE_TUNED_ADAPTER,
-                    base_model=self.model_name,
-                    context_window=tok.context_window,
-                    engine=engine_kind,
-                    ready=not self._dead,
-                )
+        fine_tuned = [
+            inference_pb2.ModelSummary(
+                name=adapter.name,
+                kind=inference_pb2.MODEL_KIND_FINE_TUNED_ADAPTER,
+                base_model=self.model_name,
+                context_window=tok.context_window,
+                engine=engine_kind,
+                ready=not self._dead,
             )
+            for adapter in self._adapters.values()
+            if adapter.fine_tuned
+        ]
+        fine_tuned.extend(
+            inference_pb2.ModelSummary(
+                name=full.model.name,
+                kind=inference_pb2.MODEL_KIND_FINE_TUNED_FULL,
+                base_model=self.model_name,
+                context_window=full.tokenizer.context_window,
+                engine=ENGINE_TO_PB.get(full.engine.info().engine, inference_pb2.ENGINE_UNSPECIFIED),
+                ready=True,
+            )
+            for full in self._full_models.values()
+        )
+        models.extend(sorted(fine_tuned, key=lambda m: m.name))
         return inference_pb2.ListModelsResponse(models=models)
 
     async def GetModelInfo(
@@ -386,13 +445,25 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     ) -> inference_pb2.GetModelInfoResponse:
         engine, tok = self._ready()
         fine_tuned: FineTunedModel | None = None
+        kind = inference_pb2.MODEL_KIND_BASE
+        ready = not self._dead
         if is_fine_tuned(request.model):
             fine_tuned = await self._fine_tuned.resolve(request.model, "model")
             await self._check_fine_tuned(fine_tuned, "model", engine)
+            kind = inference_pb2.MODEL_KIND_FINE_TUNED_ADAPTER
         else:
             self._check_model(request.model, "model")
+        if fine_tuned is not None and fine_tuned.method == "full":
+            kind = inference_pb2.MODEL_KIND_FINE_TUNED_FULL
+            # Described without starting its engine: until a request starts one, the main engine's kind and
+            # settings say what it will be, and it is not ready.
+            full = self._full_models.get(fine_tuned.name)
+            ready = full is not None
+            if full is not None:
+                engine, tok = full.engine, full.tokenizer
         info = engine.info()
-        running, waiting = engine.load()
+        full_model = kind == inference_pb2.MODEL_KIND_FINE_TUNED_FULL
+        running, waiting = (0, 0) if full_model and not ready else engine.load()
         s = self.settings
         adapters = list(self._adapters.values())
         if fine_tuned is not None:
@@ -400,7 +471,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return inference_pb2.GetModelInfoResponse(
             name=fine_tuned.name if fine_tuned else self.model_name,
             is_default=fine_tuned is None,
-            kind=inference_pb2.MODEL_KIND_FINE_TUNED_ADAPTER if fine_tuned else inference_pb2.MODEL_KIND_BASE,
+            kind=kind,
             base_model=self.model_name if fine_tuned else "",
             source=fine_tuned.path if fine_tuned else info.source,
             engine=ENGINE_TO_PB.get(info.engine, inference_pb2.ENGINE_UNSPECIFIED),
@@ -410,9 +481,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             context_window=tok.context_window,
             vocab_size=tok.vocab_size,
             has_chat_template=bool(tok.chat_template),
-            supports_lora=info.supports_lora,
-            max_lora_rank=info.max_lora_rank if info.supports_lora else 0,
-            max_loras=info.max_loras if info.supports_lora else 0,
+            supports_lora=info.supports_lora and not full_model,
+            max_lora_rank=info.max_lora_rank if info.supports_lora and not full_model else 0,
+            max_loras=info.max_loras if info.supports_lora and not full_model else 0,
             adapters=[self._adapter_pb(a) for a in adapters],
             default_max_new_tokens=s.default_max_new_tokens,
             max_logprobs=s.max_logprobs,
@@ -421,7 +492,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             max_queued_requests=s.max_queued_requests,
             running_requests=running,
             waiting_requests=waiting,
-            ready=not self._dead,
+            ready=ready,
         )
 
     async def LoadAdapter(
@@ -491,7 +562,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     def _prepare(self, request: Any, model: ResolvedModel, received: float) -> Generation:
         """Validate a Generate/GenerateStream request and turn it into an engine request."""
-        engine, tok = self._ready()
+        engine, tok = model.engine, model.tokenizer
         request_id = request.request_id or uuid.uuid4().hex
         if not REQUEST_ID.match(request_id):
             raise InvalidArgument.field("request_id", "1 to 128 characters from [A-Za-z0-9._:-]")
@@ -500,7 +571,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         sampling, stop, skip_special = self._sampling(request.sampling, tok)
         add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
         prompt = self._prompt(
-            request.prompt, "prompt", add_special, request.truncation, reserve=sampling.max_new_tokens
+            request.prompt, "prompt", tok, add_special, request.truncation, reserve=sampling.max_new_tokens
         )
         _, waiting = engine.load()
         if waiting >= self.settings.max_queued_requests:
@@ -513,13 +584,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             tok.hf, stop, skip_special_tokens=skip_special, min_new_tokens=sampling.min_new_tokens
         )
         engine_request = EngineRequest(request_id, prompt.token_ids, sampling, adapter=model.engine_adapter)
-        return Generation(request_id, engine_request, assembler, prompt, model.echo, received)
+        return Generation(request_id, engine_request, assembler, prompt, model.echo, received, engine, tok)
 
     async def _run(self, g: Generation) -> AsyncIterator[inference_pb2.GenerateDelta | inference_pb2.GenerateFinish]:
         """Drive one generation: deltas as text becomes final, then the finish. Cancelling the caller (client
         cancel, deadline) closes the engine stream, which aborts the request in the engine."""
-        engine, tok = self._ready()
-        self._in_flight.add(g.request_id)
+        engine, tok = g.engine, g.tokenizer
+        self._in_flight[g.request_id] = engine
         first_token_at: float | None = None
         offset = 0
         last: EngineOutput | None = None
@@ -539,15 +610,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 if output.finish_reason is not None or g.assembler.stop_sequence is not None:
                     break
         except EngineDeadError:
-            await self._engine_died()
-            raise Unavailable("the inference engine died while generating") from None
+            await self._engine_failed(engine)
+            raise Unavailable("the inference engine died while generating; retry later") from None
         except AdapterError as err:
             raise NotFound(str(err)) from None
         except EngineError as err:
             raise InvalidArgument(str(err)) from None
         finally:
             await stream.aclose()  # aborts the request in the engine if it is still running
-            self._in_flight.discard(g.request_id)
+            self._in_flight.pop(g.request_id, None)
         tail = g.assembler.finish()
         if tail:
             yield inference_pb2.GenerateDelta(text=tail, token_offset=offset)
@@ -591,24 +662,31 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     @asynccontextmanager
     async def _resolved(self, ref: common_pb2.ModelRef) -> AsyncIterator[ResolvedModel]:
-        """The request's model, its adapter pinned (not evictable) until the block ends. A fine-tuned name is looked
-        up and its adapter loaded on first use."""
-        engine, _ = self._ready()
+        """The request's model, its adapter or full-model engine pinned (not evictable) until the block ends. A
+        fine-tuned name is looked up and its adapter loaded, or its engine started, on first use."""
+        engine, tok = self._ready()
         if is_fine_tuned(ref.model):
             if ref.adapter:
                 raise InvalidArgument.field(
                     "model.adapter",
-                    f"must be empty when model.model names a fine-tuned model ({ref.model!r} is its base model plus "
-                    "its own adapter)",
+                    f"must be empty when model.model names a fine-tuned model ({ref.model!r} already is a base model "
+                    "plus its own adapter, or a whole model of its own)",
                 )
-            resolved = ResolvedModel(
-                common_pb2.ModelRef(model=ref.model), await self._fine_tuned_adapter(ref.model, "model.model", engine)
-            )
+            echo = common_pb2.ModelRef(model=ref.model)
+            full = await self._full_model(ref.model, "model.model", engine)
+            if full is not None:
+                resolved = ResolvedModel(echo, full.engine, full.tokenizer, full=full)
+            else:
+                resolved = ResolvedModel(
+                    echo, engine, tok, adapter=await self._fine_tuned_adapter(ref.model, "model.model", engine)
+                )
         elif is_fine_tuned(ref.adapter):
             self._check_model(ref.model, "model.model")
             resolved = ResolvedModel(
                 common_pb2.ModelRef(model=self.model_name, adapter=ref.adapter),
-                await self._fine_tuned_adapter(ref.adapter, "model.adapter", engine),
+                engine,
+                tok,
+                adapter=await self._fine_tuned_adapter(ref.adapter, "model.adapter", engine),
             )
         else:
             self._check_model(ref.model, "model.model")
@@ -617,12 +695,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 raise NotFound(f"model.adapter: no adapter named {ref.adapter!r} is loaded (see ListAdapters)")
             if adapter is not None:
                 self._pin(adapter)
-            resolved = ResolvedModel(common_pb2.ModelRef(model=self.model_name, adapter=ref.adapter), adapter)
+            resolved = ResolvedModel(
+                common_pb2.ModelRef(model=self.model_name, adapter=ref.adapter), engine, tok, adapter=adapter
+            )
         try:
             yield resolved
         finally:
             if resolved.adapter is not None:
                 resolved.adapter.users -= 1
+            if resolved.full is not None:
+                resolved.full.users -= 1
 
     @staticmethod
     def _pin(adapter: LoadedAdapter) -> None:
@@ -636,6 +718,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             self._pin(loaded)
             return loaded
         model = await self._fine_tuned.resolve(name, field)
+        if model.method == "full":
+            raise InvalidArgument.field(
+                field,
+                f"{name!r} is a fully fine-tuned model, not an adapter: name it as model.model, without an adapter",
+            )
         await self._check_fine_tuned(model, field, engine)
         async with self._adapter_lock:  # concurrent first requests load it once
             loaded = self._adapters.get(name)
@@ -652,11 +739,19 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 f"{self.model_name!r}; send it to a server whose GENLOOM_MODEL is {model.base_model!r}"
             )
         if model.method == "full":
-            # One engine serves one base model; a whole fine-tuned model needs an engine (and memory) of its own.
-            raise FailedPrecondition(
-                f"{field}: {model.name!r} is a fully fine-tuned model, which is not served by its ft: name; serve its "
-                f'directory as a model of its own (GENLOOM_MODELS="name={model.path}", or GENLOOM_MODEL)'
-            )
+            # A whole fine-tuned model needs an engine (and memory) of its own.
+            if self.settings.max_full_models < 1:
+                raise FailedPrecondition(
+                    f"{field}: {model.name!r} is a fully fine-tuned model and this server serves none "
+                    "(GENLOOM_MAX_FULL_MODELS=0); raise GENLOOM_MAX_FULL_MODELS, or serve its directory as a model of "
+                    f'its own (GENLOOM_MODELS="name={model.path}", or GENLOOM_MODEL)'
+                )
+            if engine.info().engine == "openai":
+                raise FailedPrecondition(
+                    f"{field}: {model.name!r} is a fully fine-tuned model, and a remote engine (GENLOOM_ENGINE=openai) "
+                    f"can't load a local model directory; serve {model.path} with the remote server"
+                )
+            return
         if model.method != "lora":
             raise FailedPrecondition(f"{field}: {model.name!r} is registered with an unknown method {model.method!r}")
         if not engine.info().supports_lora:
@@ -664,6 +759,97 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 f"{field}: {model.name!r} is a LoRA fine-tune and this server does not serve LoRA adapters; "
                 "start it with GENLOOM_ENABLE_LORA=true (the hf engine also needs the peft package)"
             )
+
+    async def _full_model(self, name: str, field: str, engine: Engine) -> FullModelEngine | None:
+        """The engine serving the fully fine-tuned model `name`, started if it is not yet, and pinned; None when
+        `name` is a LoRA fine-tune."""
+        full = self._full_models.get(name)
+        if full is None:
+            if name in self._adapters:
+                return None
+            model = await self._fine_tuned.resolve(name, field)
+            if model.method != "full":
+                return None
+            await self._check_fine_tuned(model, field, engine)
+            async with self._full_lock:  # concurrent first requests start it once
+                full = self._full_models.get(name)
+                if full is None:
+                    full = await self._start_full_model(model)
+        # No await between the lookup (or the start) and the pin: eviction sees users > 0 and leaves it alone.
+        full.users += 1
+        full.last_used = time.monotonic()
+        return full
+
+    async def _start_full_model(self, model: FineTunedModel) -> FullModelEngine:
+        """Start an engine for a fully fine-tuned model directory (under the full-model lock): the main engine's
+        kind and settings, the base model's context window, and the directory's own tokenizer (a full fine-tune
+        keeps its base's vocabulary, but the directory is what the weights were saved with)."""
+        assert self.engine is not None and self.tokenizer is not None
+        path = Path(model.path)
+        if not await asyncio.to_thread((path / "config.json").is_file):
+            raise FailedPrecondition(
+                f"fine-tuned model {model.name!r} can't be served: {path} is not a model directory (no config.json)"
+            )
+        spec = ModelSpec(model.name, path)
+        try:
+            tokenizer = await asyncio.to_thread(load_tokenizer, spec, self.models.max_model_len)
+        except Exception as err:
+            raise FailedPrecondition(
+                f"fine-tuned model {model.name!r} can't be served: its tokenizer does not load: {err}"
+            ) from None
+        if tokenizer.vocab_size != self.tokenizer.vocab_size:
+            logger.warning(
+                "fine-tuned model %s has a vocabulary of %d tokens, its base %s one of %d",
+                model.name,
+                tokenizer.vocab_size,
+                self.model_name,
+                self.tokenizer.vocab_size,
+            )
+        await self._make_full_room()
+        window = self.tokenizer.context_window
+        # Same kind as the main engine (not GENLOOM_ENGINE=auto's pick: an engine given from outside may differ);
+        # no LoRA: adapters apply to the base model, not to a full fine-tune.
+        settings = dataclasses.replace(self.settings, engine=self.engine.info().engine, enable_lora=False)
+        engine = self._engine_factory(spec, settings, window)
+        try:
+            await engine.start()
+        except Exception as err:
+            logger.exception("the engine for fine-tuned model %s did not start", model.name)
+            with contextlib.suppress(Exception):
+                await engine.shutdown()
+            raise FailedPrecondition(f"fine-tuned model {model.name!r} can't be served: {err}") from None
+        engine_window = engine.info().context_window
+        tokenizer.context_window = min(window, tokenizer.context_window, engine_window or window)
+        full = FullModelEngine(model, engine, tokenizer, datetime.now(timezone.utc))
+        self._full_models[model.name] = full
+        logger.info("fully fine-tuned model %s started from %s", model.name, path)
+        return full
+
+    async def _make_full_room(self) -> None:
+        """Make room for one more full-model engine (under the full-model lock): shut down the least recently used
+        one no request is using."""
+        limit = self.settings.max_full_models
+        while len(self._full_models) >= limit:
+            idle = [f for f in self._full_models.values() if f.users == 0]
+            if not idle:
+                raise ResourceExhausted(
+                    f"all {limit} fully fine-tuned model engines (GENLOOM_MAX_FULL_MODELS) are serving requests; "
+                    "retry shortly",
+                    retry_after=1.0,
+                )
+            victim = min(idle, key=lambda f: f.last_used)
+            await self._stop_full_model(victim)
+            logger.info("fully fine-tuned model %s shut down (least recently used)", victim.model.name)
+
+    async def _stop_full_model(self, full: FullModelEngine) -> None:
+        """Take `full` out of the table (a request arriving meanwhile starts a fresh engine) and shut it down."""
+        if self._full_models.get(full.model.name) is not full:
+            return  # already taken out by someone else, who shuts it down
+        del self._full_models[full.model.name]
+        try:
+            await full.engine.shutdown()
+        except Exception:
+            logger.exception("shutting down the engine of fine-tuned model %s failed", full.model.name)
 
     async def _serves(self, base_model: str) -> bool:
         """Whether `base_model` is the model this server serves: its name, or another name for its directory."""
@@ -801,6 +987,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self,
         prompt: inference_pb2.Prompt,
         field: str,
+        tok: LoadedTokenizer,
         add_special_tokens: bool,
         truncation: int,
         *,
@@ -808,7 +995,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         for_score: bool = False,
     ) -> PreparedPrompt:
         """Prompt -> ids that fit the context window with `reserve` tokens to spare (or a clear error)."""
-        _, tok = self._ready()
         window = tok.context_window
         kind = prompt.WhichOneof("prompt")
         removed_messages = 0
@@ -829,7 +1015,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 )
         elif kind == "conversation":
             messages = conversation_messages(prompt.conversation, f"{field}.conversation")
-            ids, removed_messages, original = self._fit_conversation(messages, field, truncation, window - reserve)
+            ids, removed_messages, original = self._fit_conversation(messages, field, tok, truncation, window - reserve)
         else:
             raise InvalidArgument.field(field, "set text, conversation or token_ids")
         report = inference_pb2.TruncationReport(
@@ -863,12 +1049,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return PreparedPrompt(ids, report)
 
     def _fit_conversation(
-        self, messages: list[dict[str, str]], field: str, truncation: int, budget: int
+        self, messages: list[dict[str, str]], field: str, tok: LoadedTokenizer, truncation: int, budget: int
     ) -> tuple[list[int], int, int]:
         """Render a conversation; with LEFT truncation drop the oldest non-system messages until it fits.
         Returns (ids, messages removed, tokens before removal)."""
-        assert self.tokenizer is not None
-        tok = self.tokenizer
 
         def render(msgs: list[dict[str, str]]) -> list[int]:
             return list(tok.encode([tok.render_chat(msgs, True)], False)[0].ids)

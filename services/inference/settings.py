@@ -48,6 +48,13 @@ class InferenceSettings(Settings):
     enable_lora: bool = setting(True, env="ENABLE_LORA", help="Serve LoRA adapters (costs some speed in vLLM).")
     max_lora_rank: int = setting(64, env="MAX_LORA_RANK", help="Largest LoRA rank an adapter may have.")
     max_loras: int = setting(4, env="MAX_LORAS", help="Adapters kept resident in the engine at once.")
+    max_full_models: int = setting(
+        1,
+        env="MAX_FULL_MODELS",
+        help="Fully fine-tuned models (ft: names) served at once, each by an engine of its own started on first use "
+        "(as much memory as the base model); the least recently used idle one is shut down to make room. 0 = don't "
+        "serve them.",
+    )
     vllm_gpu_memory_utilization: float = setting(
         0.9, env="VLLM_GPU_MEMORY_UTILIZATION", help="vLLM on GPU: fraction of GPU memory for weights + KV cache."
     )
@@ -71,6 +78,8 @@ class InferenceSettings(Settings):
         for name in ("max_batch_size", "default_max_new_tokens", "score_max_items", "score_max_candidates"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"GENLOOM_{name.upper()} must be at least 1")
+        if self.max_full_models < 0:
+            raise SettingsError("GENLOOM_MAX_FULL_MODELS must be >= 0 (0 = don't serve fully fine-tuned models)")
         if self.max_queued_requests < 0 or self.max_logprobs < 0 or self.max_stop_sequences < 0:
             raise SettingsError("GENLOOM_MAX_QUEUED_REQUESTS, _MAX_LOGPROBS and _MAX_STOP_SEQUENCES must be >= 0")
         if self.engine == "openai" and not self.openai_base_url:
