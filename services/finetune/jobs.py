@@ -8,7 +8,6 @@ the caller did not expect, so two processes racing on one job cannot both win.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import uuid
@@ -195,13 +194,14 @@ class JobManager:
         return self.store.with_last_event(stored), created
 
     def _idempotent(self, key: str, digest: str) -> finetune_pb2.Job | None:
-        raw = self.store.r.get(f"genloom:ft:idem:job:{key}")
-        if not raw:
-            return None
-        claimed = json.loads(raw)
-        if claimed.get("digest") != digest:
-            raise AlreadyExists(f"idempotency_key {key!r} was used for a different request (job {claimed.get('id')})")
-        job = self.store.get_job(claimed["id"])
+        """The job an identical earlier request made (so its data is not stored twice), if any."""
+        try:
+            job_id = self.store.claimed("job", key, digest)
+        except KeyError as err:
+            raise AlreadyExists(
+                f"idempotency_key {key!r} was used for a different request (job {err.args[0]})"
+            ) from None
+        job = self.store.get_job(job_id) if job_id else None
         return self.store.with_last_event(job) if job else None
 
     def store_data(

@@ -4,6 +4,7 @@ Everything a job is lives here, so any service replica can answer for any job an
 
     genloom:ft:job:<id>          the Job record (serialized proto), changed only in WATCH/MULTI transactions
     genloom:ft:jobs              sorted set of job ids by creation order (genloom:ft:seq; listing)
+    genloom:ft:active            set of the jobs not yet in a terminal state (what the reaper inspects)
     genloom:ft:events:<id>       Redis Stream of JobEvent protos: ids are the event ids WatchJob resumes from
     genloom:ft:cancel:<id>       set when a running job is cancelled (read by its training loop every step)
     genloom:ft:lease:<id>        the worker running the job (a token with a TTL the worker keeps renewing)
@@ -50,6 +51,7 @@ _RENEW = (
 )
 
 M = TypeVar("M", bound=Message)
+ACTIVE = P + "active"
 
 
 def job_key(job_id: str) -> str:
@@ -106,6 +108,7 @@ class Store:
         def write(pipe: Any) -> None:
             pipe.set(job_key(job.id), job.SerializeToString())
             pipe.zadd(P + "jobs", {job.id: self._seq()})
+            pipe.sadd(ACTIVE, job.id)
             self._xadd(pipe, job.id, event)
 
         return write
@@ -135,15 +138,24 @@ class Store:
                 write(pipe)
                 pipe.execute()
             return record, True
-        claimed = json.loads(self.r.get(idem) or "{}")
-        if claimed.get("digest") != digest:
-            raise KeyError(claimed.get("id", ""))
+        winner = self.claimed(kind, rec.idempotency_key, digest) or ""  # KeyError when the request differed
         for _ in range(50):  # the winner may be between its SET NX and its write
-            raw = self.r.get(key_of(claimed["id"]))
+            raw = self.r.get(key_of(winner))
             if raw:
                 return cls.FromString(raw), False
             time.sleep(0.02)
-        raise KeyError(claimed["id"])
+        raise KeyError(winner)
+
+    def claimed(self, kind: str, key: str, digest: str) -> str | None:
+        """The id an earlier create with idempotency key `key` made, if any; KeyError(that id) when that request
+        differed (its digest)."""
+        raw = self.r.get(f"{P}idem:{kind}:{key}")
+        if not raw:
+            return None
+        claimed = json.loads(raw)
+        if claimed.get("digest") != digest:
+            raise KeyError(claimed.get("id", ""))
+        return str(claimed["id"])
 
     def get_job(self, job_id: str) -> finetune_pb2.Job | None:
         raw = self.r.get(job_key(job_id))
@@ -179,6 +191,8 @@ class Store:
             job.updated_at.GetCurrentTime()
             pipe.multi()
             pipe.set(key, job.SerializeToString())
+            if job.state in TERMINAL:
+                pipe.srem(ACTIVE, job_id)
             for event in events or ():
                 self._xadd(pipe, job_id, event)
             result[0] = job
@@ -352,10 +366,10 @@ class Store:
             rows = self.r.zrevrangebyscore(zkey, f"({after}" if after is not None else "+inf", "-inf", 0, count, True)
         return [(i.decode(), s) for i, s in rows]
 
-    def jobs_in_states(self, states: Iterable[int], limit: int = 10_000) -> list[finetune_pb2.Job]:
-        """Jobs in any of `states` (scans the newest `limit` jobs): what the reaper inspects."""
+    def jobs_in_states(self, states: Iterable[int]) -> list[finetune_pb2.Job]:
+        """Unfinished jobs in any of `states`: what the reaper inspects (however old they are)."""
         wanted = set(states)
-        ids = [i.decode() for i in self.r.zrevrange(P + "jobs", 0, limit - 1)]
+        ids = sorted(i.decode() for i in self.r.smembers(ACTIVE))
         found = []
         for start in range(0, len(ids), 500):
             for job in self.get_jobs(ids[start : start + 500]):
