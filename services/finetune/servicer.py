@@ -169,11 +169,7 @@ class FineTuningServicer(finetune_pb2_grpc.FineTuningServiceServicer):
     async def ListJobs(
         self, request: finetune_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
     ) -> finetune_pb2.ListJobsResponse:
-        for i, state in enumerate(request.states):
-            if state == S.JOB_STATE_UNSPECIFIED or state not in S.JobState.values():
-                raise InvalidArgument.field(f"states[{i}]", f"{state} is not a job state to filter by")
-        if request.order not in (0, 1, 2):
-            raise InvalidArgument.field("order", f"{request.order} is not a SortOrder")
+        _check_listing(request, S.JobState, "job")
         filters = spec_mod.request_digest(
             finetune_pb2.ListJobsRequest(
                 states=request.states, base_model=request.base_model, sweep_id=request.sweep_id, order=request.order
@@ -358,18 +354,14 @@ class FineTuningServicer(finetune_pb2_grpc.FineTuningServiceServicer):
     ) -> finetune_pb2.GetSweepResponse:
         sweep = await asyncio.to_thread(self._sweep, request.sweep_id)
         if sweep.state not in SWEEP_TERMINAL:
-            sweep = await asyncio.to_thread(self.sweeps.advance, sweep.id) or sweep
+            sweep = await asyncio.to_thread(self.sweeps.view, sweep)  # trials as their jobs stand now
         return finetune_pb2.GetSweepResponse(sweep=sweep)
 
     @_redis_errors
     async def ListSweeps(
         self, request: finetune_pb2.ListSweepsRequest, context: grpc.aio.ServicerContext
     ) -> finetune_pb2.ListSweepsResponse:
-        for i, state in enumerate(request.states):
-            if state == S.SWEEP_STATE_UNSPECIFIED or state not in S.SweepState.values():
-                raise InvalidArgument.field(f"states[{i}]", f"{state} is not a sweep state to filter by")
-        if request.order not in (0, 1, 2):
-            raise InvalidArgument.field("order", f"{request.order} is not a SortOrder")
+        _check_listing(request, S.SweepState, "sweep")
         filters = spec_mod.request_digest(finetune_pb2.ListSweepsRequest(states=request.states, order=request.order))
         wanted = set(request.states)
 
@@ -409,6 +401,15 @@ def _check_id(value: str, pattern: Any, field: str, prefix: str) -> None:
             f"{field}: {value!r} is not an id ({prefix} followed by 26 base32 characters)",
             [FieldViolation(field, "malformed id")],
         )
+
+
+def _check_listing(request: Any, states: Any, what: str) -> None:
+    """A List request's state filters (0 is not a state) and order."""
+    for i, state in enumerate(request.states):
+        if state == 0 or state not in states.values():
+            raise InvalidArgument.field(f"states[{i}]", f"{state} is not a {what} state to filter by")
+    if request.order not in (0, 1, 2):
+        raise InvalidArgument.field("order", f"{request.order} is not a SortOrder")
 
 
 def _stream_id(value: str) -> bool:

@@ -43,6 +43,16 @@ class SweepController:
         self.manager = manager
         self.store = manager.store
 
+    def view(self, sweep: finetune_pb2.Sweep) -> finetune_pb2.Sweep:
+        """`sweep` with its trials (and best trial) refreshed from their jobs, without writing anything: what
+        GetSweep shows between the passes that advance it."""
+        jobs = {j.id: j for j in self.store.get_jobs([t.job_id for t in sweep.trials]) if j is not None}
+        for trial in sweep.trials:
+            if trial.job_id in jobs:
+                self._refresh(trial, jobs[trial.job_id], sweep.spec.objective)
+        _set_best(sweep)
+        return sweep
+
     def trial_finished(self, job: finetune_pb2.Job) -> None:
         if job.sweep_id:
             self.advance(job.sweep_id)
