@@ -25,7 +25,7 @@ class FinetuneSettings(Settings):
     queue: str = setting("training", env="FINETUNE_QUEUE", help="Celery queue that training jobs are sent to.")
     min_examples: int = setting(10, env="FINETUNE_MIN_EXAMPLES", help="Fewest valid training examples a job may have.")
     max_data_lines: int = setting(
-        1_000_000, env="FINETUNE_MAX_EXAMPLES", help="Most lines a training or validation file may have."
+        1_000_000, env="FINETUNE_MAX_DATA_LINES", help="Most lines a training or validation file may have."
     )
     max_inline_bytes: int = setting(
         32 * 1024 * 1024,
