@@ -359,6 +359,7 @@ class JobManager:
         message: str,
         allowed: list[int] | None = None,
         line_errors: list[finetune_pb2.LineError] | None = None,
+        guard: Callable[[finetune_pb2.Job], bool] | None = None,
     ) -> finetune_pb2.Job | None:
         def set_error(j: finetune_pb2.Job) -> None:
             j.error.CopyFrom(finetune_pb2.JobError(code=code, message=message, line_errors=line_errors or []))
@@ -370,6 +371,7 @@ class JobManager:
             message=f"failed: {message}",
             level=ERROR,
             mutate=set_error,
+            guard=guard,
         )
         return job if moved else None
 
@@ -476,24 +478,15 @@ class JobManager:
                 self.finished(done)
             return
         if job.attempts >= self.settings.max_attempts:
-            message = (
-                f"{worker} stopped reporting during attempt {job.attempts} of {self.settings.max_attempts} "
-                "(GENLOOM_FINETUNE_MAX_ATTEMPTS)"
-            )
-
-            def set_error(j: finetune_pb2.Job) -> None:
-                j.error.CopyFrom(finetune_pb2.JobError(code=S.JOB_ERROR_CODE_WORKER_LOST, message=message))
-
-            failed, moved = self.store.transition(
+            failed = self.fail(
                 job.id,
-                S.JOB_STATE_FAILED,
-                allowed_from=[S.JOB_STATE_RUNNING],
-                message=f"failed: {message}",
-                level=ERROR,
-                mutate=set_error,
+                S.JOB_ERROR_CODE_WORKER_LOST,
+                f"{worker} stopped reporting during attempt {job.attempts} of {self.settings.max_attempts} "
+                "(GENLOOM_FINETUNE_MAX_ATTEMPTS)",
+                [S.JOB_STATE_RUNNING],
                 guard=still_lost,
             )
-            if moved and failed is not None:
+            if failed is not None:
                 self.finished(failed)
             return
         _, moved = self.store.transition(
