@@ -115,6 +115,20 @@ def test_unreachable_server_is_unavailable_error() -> None:
             client.tokenizer.count_tokens("x")
 
 
+def test_channel_options_replace_defaults_and_keepalive_is_on() -> None:
+    """gRPC honours the first of two same-named options, so the caller's must replace the SDK's, not follow them."""
+    with genloom.Client(target="127.0.0.1:1") as client:
+        defaults = dict(client._transport.options.channel_options)
+    assert defaults["grpc.keepalive_time_ms"] == 30_000 and defaults["grpc.http2.max_pings_without_data"] == 0
+    assert defaults["grpc.lb_policy_name"] == "round_robin"
+    custom = [("grpc.keepalive_time_ms", 5_000), ("grpc.lb_policy_name", "pick_first")]
+    with genloom.Client(target="127.0.0.1:1", channel_options=custom) as client:
+        options = client._transport.options.channel_options
+    names = [name for name, _ in options]
+    assert len(names) == len(set(names))
+    assert dict(options)["grpc.keepalive_time_ms"] == 5_000 and dict(options)["grpc.lb_policy_name"] == "pick_first"
+
+
 def test_deadline_is_deadline_exceeded(tokenizer_server: ServerThread) -> None:
     documents = ["many words in a long document " * 4000] * 64  # ~1.5M tokens: far more than 50 ms of work
     with genloom.Client(target=tokenizer_server.target, timeout=0.05) as client:

@@ -23,7 +23,22 @@ DEFAULT_MAX_RETRIES = 2
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 INITIAL_BACKOFF = 0.5
 MAX_BACKOFF = 8.0
-
+KEEPALIVE_TIME_MS = 30_000
+KEEPALIVE_TIMEOUT_MS = 20_000
+DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.lb_policy_name", "round_robin"),
+    # A server that stops answering without closing the connection (a frozen process, a lost node, a network
+    # partition) is noticed within keepalive time + timeout, so a call or stream on it fails with UNAVAILABLE
+    # instead of waiting for its deadline (or forever, without one). Pings go on while a call waits for data;
+    # genloom servers accept one every 5 s.
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    # gRPC core times a keepalive ping out after the shorter of this and keepalive_timeout (default 1 minute).
+    ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.http2.max_pings_without_data", 0),
+)
 Response = TypeVar("Response")
 
 
@@ -69,12 +84,8 @@ class ClientOptions:
             tls=bool(tls) or root_certificates is not None,
             root_certificates=root_certificates,
             metadata=tuple(metadata),
-            channel_options=(
-                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                ("grpc.max_send_message_length", 64 * 1024 * 1024),
-                ("grpc.lb_policy_name", "round_robin"),
-                *channel_options,
-            ),
+            # gRPC uses the first of two options with the same name: the caller's replace the defaults.
+            channel_options=tuple({**dict(DEFAULT_CHANNEL_OPTIONS), **dict(channel_options)}.items()),
         )
 
     def call_metadata(self) -> tuple[tuple[str, str], ...]:

@@ -74,6 +74,10 @@ class GenloomServer:
             ("grpc.keepalive_time_ms", 60_000),
             ("grpc.keepalive_timeout_ms", 20_000),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            # Clients ping while they wait on a long call or stream, to notice a server that froze or vanished
+            # (the SDK every 30 s). gRPC's default would answer pings more often than every 5 minutes with
+            # GOAWAY "too_many_pings", failing those calls.
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
         ]
         server = grpc.aio.server(
             interceptors=default_interceptors(s.load_api_keys()),
