@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -223,6 +224,52 @@ class _BrokenService:
 
     async def close(self) -> None:
         return None
+
+
+class _PeerService:
+    """Answers with the caller's address (a new one per connection), or streams slowly."""
+
+    name = "genloom.test.Peer"
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        async def peer(request: bytes, context: Any) -> bytes:
+            return str(context.peer()).encode()
+
+        async def slow(request: bytes, context: Any) -> Any:
+            for i in range(10):
+                await asyncio.sleep(0.3)
+                yield str(i).encode()
+
+        handlers = {
+            "Peer": grpc.unary_unary_rpc_method_handler(peer),
+            "Slow": grpc.unary_stream_rpc_method_handler(slow),
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(self.name, handlers),))
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+def test_max_connection_age_makes_clients_reconnect_without_failing_calls() -> None:
+    """With GENLOOM_MAX_CONNECTION_AGE a client's connection is replaced every so often (so it re-resolves its
+    target and finds new replicas); calls keep succeeding and a stream longer than the age runs to its end."""
+    server = start_server([_PeerService()], max_connection_age=0.5, shutdown_grace=10.0)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            peer = channel.unary_unary("/genloom.test.Peer/Peer")
+            slow = channel.unary_stream("/genloom.test.Peer/Slow")
+            assert [m.decode() for m in slow(b"", timeout=30)] == [str(i) for i in range(10)]  # 3 s > 0.5 s
+            peers = set()
+            deadline = time.monotonic() + 4
+            while time.monotonic() < deadline:
+                peers.add(peer(b"", timeout=10))
+                time.sleep(0.05)
+        assert len(peers) >= 3, peers
+    finally:
+        server.stop()
 
 
 def test_unexpected_errors_are_internal_without_details(caplog: pytest.LogCaptureFixture) -> None:

@@ -79,6 +79,11 @@ class GenloomServer:
             # GOAWAY "too_many_pings", failing those calls.
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
         ]
+        if s.max_connection_age > 0:
+            options += [
+                ("grpc.max_connection_age_ms", int(s.max_connection_age * 1000)),
+                ("grpc.max_connection_age_grace_ms", int(s.shutdown_grace * 1000)),
+            ]
         server = grpc.aio.server(
             interceptors=default_interceptors(s.load_api_keys()),
             options=options,

@@ -158,6 +158,13 @@ class ServerSettings(Settings):
         env="MAX_CONCURRENT_RPCS",
         help="RPCs served at once before new ones are refused with RESOURCE_EXHAUSTED. 0 = no limit.",
     )
+    max_connection_age: float = setting(
+        0.0,
+        env="MAX_CONNECTION_AGE",
+        help="Seconds after which the server asks a client to reconnect (GOAWAY; calls under way get "
+        "SHUTDOWN_GRACE to finish). A reconnecting client resolves its target again, so replicas added by an "
+        "autoscaler get their share of long-lived clients. 0 = never.",
+    )
     log_level: str = setting("info", env="LOG_LEVEL", help="Log level.", choices=("debug", "info", "warning", "error"))
     log_format: str = setting(
         "text",
@@ -176,6 +183,8 @@ class ServerSettings(Settings):
         for path in (self.tls_cert, self.tls_key, self.api_keys_file):
             if path is not None and not path.is_file():
                 raise SettingsError(f"{path} does not exist or is not a file")
+        if self.max_connection_age < 0:
+            raise SettingsError("GENLOOM_MAX_CONNECTION_AGE must be >= 0 seconds (0 = never)")
         if self.shutdown_grace < 0:
             raise SettingsError("GENLOOM_SHUTDOWN_GRACE must be >= 0 seconds")
         if self.max_message_bytes < 1024:
