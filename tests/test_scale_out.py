@@ -123,6 +123,65 @@ def test_replicas_share_calls_and_idempotent_calls_survive_a_killed_replica(repl
         assert _served(second, "Classify") - second_before >= 6
 
 
+def test_task_service_spreads_over_inference_replicas_and_survives_losing_one() -> None:
+    """The compose/Kubernetes topology: the task service in its own process reaches one tokenizer and two
+    inference replicas through one round-robin target. Losing an inference replica mid-run costs no task call:
+    the task service retries its upstream call on the other replica (the client here does not retry at all)."""
+    env = {"GENLOOM_MODEL_CACHE": str(model_cache()), "OMP_NUM_THREADS": "1"}
+    tokenizer = ServerProcess("tokenizer", env=env)
+    inference = [ServerProcess("inference", ["--engine", "hf", "--metrics-port", "0"], env=env) for _ in range(2)]
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(lambda s: s.start(), [tokenizer, *inference]))
+    tasks = ServerProcess(
+        "tasks",
+        env={
+            **env,
+            "GENLOOM_TASKS_TOKENIZER_TARGET": tokenizer.target,
+            "GENLOOM_TASKS_INFERENCE_TARGET": _target(inference),
+        },
+    )
+    try:
+        tasks.start()
+        with genloom.Client(target=tasks.target, max_retries=0, timeout=120) as client:
+            labels: list[str] = []
+            deadline = time.monotonic() + 120
+            while min(_served(s, "Score", "genloom.v1.InferenceService") for s in inference) < 2:
+                assert time.monotonic() < deadline, "the task service never used both inference replicas"
+                labels.append(client.tasks.classify(TEXTS[1], labels=LABELS).results[0].label)
+
+            errors: list[BaseException] = []
+            stop = threading.Event()
+
+            def classify_forever() -> None:
+                while not stop.is_set():
+                    try:
+                        labels.append(client.tasks.classify(TEXTS[1], labels=LABELS).results[0].label)
+                    except BaseException as error:
+                        errors.append(error)
+                        return
+
+            worker = threading.Thread(target=classify_forever, daemon=True)
+            worker.start()
+            doomed = inference[0]
+            while _in_flight(doomed, "Score") == 0:  # kill it while it answers one of the task service's calls
+                assert worker.is_alive(), errors
+                time.sleep(0.005)
+            assert doomed.process is not None
+            doomed.process.kill()
+            doomed.process.wait(30)
+            after = len(labels)
+            while len(labels) < after + 5:
+                assert worker.is_alive(), f"a task call failed after an inference replica died: {errors!r}"
+                time.sleep(0.05)
+            stop.set()
+            worker.join(120)
+            assert not errors, errors
+            assert set(labels) == {"negative"}
+    finally:
+        for server in (tasks, tokenizer, *inference):
+            server.stop(timeout=30)
+
+
 @dataclass
 class _StreamOutcome:
     deltas: int = 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import json
+import random
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -31,8 +32,8 @@ from genloom.v1 import (
 #: time that is left, so a task never outlives its caller's deadline.
 deadline_var: contextvars.ContextVar[float | None] = contextvars.ContextVar("genloom_task_deadline", default=None)
 
-# Upstream calls are retried by grpc itself on UNAVAILABLE (a replica restarting, a connection reset): tasks are
-# made of idempotent calls, and a transparent retry is cheaper than failing a whole map/reduce.
+# gRPC itself retries an upstream call that failed on UNAVAILABLE before the server answered at all (a replica
+# restarting, a refused connection); _may_retry below covers calls that a replica dropped while serving them.
 _SERVICE_CONFIG = json.dumps(
     {
         "methodConfig": [
@@ -49,6 +50,9 @@ _SERVICE_CONFIG = json.dumps(
         ]
     }
 )
+# Attempts of one upstream call that fails with UNAVAILABLE (see _may_retry), and the first pause between them.
+UPSTREAM_ATTEMPTS = 3
+UPSTREAM_BACKOFF = 0.1
 _CHANNEL_OPTIONS = [
     ("grpc.service_config", _SERVICE_CONFIG),
     ("grpc.enable_retries", 1),
@@ -150,10 +154,13 @@ class Upstream:
         return metadata
 
     async def _unary(self, service: str, method: Any, request: Any) -> Any:
-        try:
-            return await method(request, timeout=remaining_timeout(), metadata=self._metadata())
-        except grpc.aio.AioRpcError as err:
-            raise translate(err, service) from None
+        for attempt in range(UPSTREAM_ATTEMPTS):
+            try:
+                return await method(request, timeout=remaining_timeout(), metadata=self._metadata())
+            except grpc.aio.AioRpcError as err:
+                if not await _may_retry(err, attempt):
+                    raise translate(err, service) from None
+        raise AssertionError("unreachable")
 
     async def model_facts(self, model: str) -> ModelFacts:
         """Context window and chat template of `model` ("" = the default), asked once per model."""
@@ -197,18 +204,39 @@ class Upstream:
         self, request: inference_pb2.GenerateStreamRequest
     ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
         assert self.inference is not None
-        call = self.inference.GenerateStream(request, timeout=remaining_timeout(), metadata=self._metadata())
-        try:
-            async for message in call:
-                yield message
-        except grpc.aio.AioRpcError as err:
-            raise translate(err, "inference") from None
-        finally:
-            call.cancel()
+        for attempt in range(UPSTREAM_ATTEMPTS):
+            call = self.inference.GenerateStream(request, timeout=remaining_timeout(), metadata=self._metadata())
+            started = False
+            try:
+                async for message in call:
+                    started = True
+                    yield message
+                return
+            except grpc.aio.AioRpcError as err:
+                # Before its first message a stream can start again elsewhere; after it, the caller has part of it.
+                if started or not await _may_retry(err, attempt):
+                    raise translate(err, "inference") from None
+            finally:
+                call.cancel()
 
     async def score(self, request: inference_pb2.ScoreRequest) -> inference_pb2.ScoreResponse:
         assert self.inference is not None
         return await self._unary("inference", self.inference.Score, request)  # type: ignore[no-any-return]
+
+
+async def _may_retry(err: grpc.aio.AioRpcError, attempt: int) -> bool:
+    """Whether a failed upstream call should be made again, after a short pause if so. Only UNAVAILABLE is
+    retried: a replica died or restarted under the call, and another may answer (every upstream call is
+    idempotent). gRPC's own retry policy can't cover this case: the servers send their headers (the request id)
+    as a call starts, and a call with headers received is never retried by gRPC."""
+    if err.code() != grpc.StatusCode.UNAVAILABLE or attempt + 1 >= UPSTREAM_ATTEMPTS:
+        return False
+    pause = UPSTREAM_BACKOFF * 2**attempt * (0.5 + random.random() / 2)
+    left = remaining_timeout()
+    if left is not None and left <= pause:
+        return False
+    await asyncio.sleep(pause)
+    return True
 
 
 def translate(err: grpc.aio.AioRpcError, service: str) -> errors.ServiceError:
