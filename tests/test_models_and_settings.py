@@ -47,6 +47,10 @@ def test_default_model_converts_once_when_two_processes_race(tmp_path: Path) -> 
         p.name for p in model_dir.iterdir()
     }
     assert (model_dir / "model.safetensors").stat().st_size > 100_000_000  # fp32 weights, not the stub
+    # Readable by every user: an image converts the model as root and serves it as an unprivileged user.
+    assert all(p.stat().st_mode & 0o444 == 0o444 for p in model_dir.iterdir()), [
+        (p.name, oct(p.stat().st_mode)) for p in model_dir.iterdir()
+    ]
     assert not [p for p in cache.iterdir() if p.name.startswith(".smollm2-135m-instruct-")]  # no staging left
 
 

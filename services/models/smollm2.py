@@ -57,6 +57,10 @@ def ensure_default_model(cache_dir: Path, name: str) -> Path:
         try:
             _convert(source, staging)
             (staging / COMPLETE_MARKER).write_text(source.name + "\n")
+            # safetensors writes the weights owner-only (0600) whatever the umask: a cache converted by one user
+            # (a container image built as root, served as another user) must be readable by all.
+            for path in staging.iterdir():
+                path.chmod(0o644)
             if target.exists():  # a half-written directory from a crashed run (no marker)
                 shutil.rmtree(target)
             os.replace(staging, target)

@@ -25,7 +25,7 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = REPO_ROOT / "deploy"
 NODE_DIR = REPO_ROOT / "tests" / "node"
-DOCKERFILES = sorted(p for p in (DEPLOY / "docker").glob("Dockerfile.*") if p.suffix != ".dockerignore")
+DOCKERFILES = sorted((DEPLOY / "docker").glob("Dockerfile.*"))
 ENV_EXAMPLE = DEPLOY / ".env.example"
 
 # What compose is run with: the base file alone, and the base with the GPU override (`-f compose.yaml -f

@@ -1,4 +1,4 @@
-"""The images' build step without Docker: the files the Dockerfiles COPY (their .dockerignore applied, so no
+"""The images' build step without Docker: the files the Dockerfiles COPY (the root .dockerignore applied, so no
 developer stubs) built into a wheel the way `pip install .` / `pip wheel .` do in the images. The wheel must carry
 stubs generated from protos/ and the health probe, and run from itself (not from this checkout)."""
 
@@ -12,7 +12,6 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-DOCKER = ROOT / "deploy" / "docker"
 CONTEXT = ("pyproject.toml", "setup.py", "README.md", "protos", "sdk", "services")
 
 
@@ -24,8 +23,8 @@ def _excluded(relative: str, patterns: list[str]) -> bool:
 
 
 def _build_context(dest: Path) -> None:
-    """Copy what Dockerfile.cpu COPYs, minus the exclusions its .dockerignore lists after the allow-list."""
-    lines = [line.strip() for line in (DOCKER / "Dockerfile.cpu.dockerignore").read_text().splitlines()]
+    """Copy what Dockerfile.cpu COPYs, minus the exclusions .dockerignore lists after its allow-list."""
+    lines = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()]
     patterns = [line for line in lines if line and not line.startswith(("#", "!")) and line != "*"]
     for name in CONTEXT:
         source = ROOT / name
