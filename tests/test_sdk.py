@@ -16,7 +16,7 @@ import pytest
 import genloom
 from genloom._exceptions import error_from_status
 from genloom.services.server import errors
-from genloom.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+from genloom.v1 import inference_pb2, inference_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
 
 from .conftest import DEFAULT_MODEL, ServerThread, start_server
 
@@ -104,6 +104,75 @@ async def test_async_client_retries_too() -> None:
     try:
         async with genloom.AsyncClient(target=server.target, max_retries=1) as client:
             assert (await client.tokenizer.count_tokens("x")).counts == [7]
+        assert service.calls == 2
+    finally:
+        server.stop()
+
+
+class FlakyStreams(inference_pb2_grpc.InferenceServiceServicer):
+    """GenerateStream fails UNAVAILABLE before its first message for the first `failures` calls; with
+    `fail_midway`, every call fails after its first message instead."""
+
+    name = "genloom.v1.InferenceService"
+
+    def __init__(self, failures: int = 0, fail_midway: bool = False) -> None:
+        self.failures, self.fail_midway, self.calls = failures, fail_midway, 0
+        self.request_ids: list[str] = []
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(self, server)
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def GenerateStream(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        self.calls += 1
+        self.request_ids.append(dict(context.invocation_metadata())["x-request-id"])
+        if self.calls <= self.failures:
+            raise errors.Unavailable("shutting down")
+        for word in ("one", " two", " three"):
+            yield inference_pb2.GenerateStreamResponse(request_id="r", delta=inference_pb2.GenerateDelta(text=word))
+            if self.fail_midway:
+                raise errors.Unavailable("replica lost")
+        yield inference_pb2.GenerateStreamResponse(request_id="r", finish=inference_pb2.GenerateFinish())
+
+
+def test_streams_start_again_only_before_their_first_message() -> None:
+    service = FlakyStreams(failures=2)
+    server = start_server([service])
+    try:
+        with genloom.Client(target=server.target, max_retries=2) as client:
+            with client.inference.stream("x") as stream:
+                assert "".join(delta.text for delta in stream) == "one two three"
+        assert service.calls == 3 and len(set(service.request_ids)) == 1
+        service.calls, service.failures = 0, 5
+        with genloom.Client(target=server.target, max_retries=1) as client:
+            with pytest.raises(genloom.UnavailableError):
+                list(client.inference.stream("x"))
+        assert service.calls == 2
+        # Once a message has arrived, a failure is the caller's: repeating the stream would repeat its text.
+        service.calls, service.failures, service.fail_midway = 0, 0, True
+        with genloom.Client(target=server.target, max_retries=3) as client:
+            stream = client.inference.stream("x")
+            with pytest.raises(genloom.UnavailableError):
+                for _ in stream:
+                    pass
+            assert stream.text == "one"
+        assert service.calls == 1
+    finally:
+        server.stop()
+
+
+async def test_async_streams_start_again_before_their_first_message() -> None:
+    service = FlakyStreams(failures=1)
+    server = start_server([service])
+    try:
+        async with genloom.AsyncClient(target=server.target, max_retries=1) as client:
+            stream = client.inference.stream("x")
+            assert [delta.text async for delta in stream] == ["one", " two", " three"]
         assert service.calls == 2
     finally:
         server.stop()

@@ -7,7 +7,7 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -146,6 +146,11 @@ class SyncTransport:
                 time.sleep(backoff_delay(attempt, error))
         raise AssertionError("unreachable")
 
+    def stream(self, method: Callable[..., Any], request: Any, *, timeout: float | object | None = _DEFAULT) -> Any:
+        """Start a server-streaming call; see `_StreamCall`."""
+        deadline: float | None = self.options.timeout if timeout is _DEFAULT else timeout  # type: ignore[assignment]
+        return _StreamCall(method, request, deadline, self.options.call_metadata(), self.options.max_retries)
+
     def close(self) -> None:
         self.channel.close()
 
@@ -182,5 +187,82 @@ class AsyncTransport:
                 await asyncio.sleep(backoff_delay(attempt, error))
         raise AssertionError("unreachable")
 
+    def stream(self, method: Callable[..., Any], request: Any, *, timeout: float | object | None = _DEFAULT) -> Any:
+        """Start a server-streaming call; see `_AsyncStreamCall`."""
+        deadline: float | None = self.options.timeout if timeout is _DEFAULT else timeout  # type: ignore[assignment]
+        return _AsyncStreamCall(method, request, deadline, self.options.call_metadata(), self.options.max_retries)
+
     async def close(self) -> None:
         await self.channel.close()
+
+
+class _StreamCallBase:
+    """A server-streaming call that is started again, like a unary call, when it fails with a retryable code
+    before its first message (a replica that was shutting down or died as the call began, an overloaded
+    server): nothing was delivered, so nothing is repeated. After the first message a failure is the caller's
+    to see. Iterating gives the messages; errors are the original grpc.RpcError; `cancel()` ends the call."""
+
+    def __init__(
+        self,
+        method: Callable[..., Any],
+        request: Any,
+        timeout: float | None,
+        metadata: tuple[tuple[str, str], ...],
+        max_retries: int,
+    ) -> None:
+        self._method, self._request, self._timeout, self._metadata = method, request, timeout, metadata
+        self._max_retries = max_retries
+        self._cancelled = False
+        self._call = self._start()
+
+    def _start(self) -> Any:
+        return self._method(self._request, timeout=self._timeout, metadata=self._metadata)
+
+    def cancel(self) -> bool:
+        self._cancelled = True
+        return bool(self._call.cancel())
+
+    def _retry_delay(self, rpc_error: grpc.RpcError, attempt: int, received: bool) -> float | None:
+        """Seconds to wait before starting the call again, or None to give up."""
+        if received or self._cancelled or attempt >= self._max_retries:
+            return None
+        error = error_from_rpc(rpc_error)
+        return backoff_delay(attempt, error) if error.code in RETRYABLE else None
+
+
+class _StreamCall(_StreamCallBase):
+    def __iter__(self) -> Iterator[Any]:
+        attempt = 0
+        while True:
+            received = False
+            try:
+                for message in self._call:
+                    received = True
+                    yield message
+                return
+            except grpc.RpcError as rpc_error:
+                delay = self._retry_delay(rpc_error, attempt, received)
+                if delay is None:
+                    raise
+            time.sleep(delay)
+            attempt += 1
+            self._call = self._start()
+
+
+class _AsyncStreamCall(_StreamCallBase):
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        attempt = 0
+        while True:
+            received = False
+            try:
+                async for message in self._call:
+                    received = True
+                    yield message
+                return
+            except grpc.RpcError as rpc_error:
+                delay = self._retry_delay(rpc_error, attempt, received)
+                if delay is None:
+                    raise
+            await asyncio.sleep(delay)
+            attempt += 1
+            self._call = self._start()

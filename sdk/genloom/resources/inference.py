@@ -229,13 +229,8 @@ class Inference:
         """Like `generate()` (same keyword arguments), but yields `GenerationDelta`s as tokens are produced.
         Closing the stream cancels the call and aborts the generation on the server."""
         request = _generate_request(prompt, _stream_options(options))
-        deadline = self._t.options.timeout if timeout is _DEFAULT else timeout
-        call = self._stub.GenerateStream(
-            inference_pb2.GenerateStreamRequest.FromString(request.SerializeToString()),
-            timeout=deadline,
-            metadata=self._t.options.call_metadata(),
-        )
-        return GenerationStream(call)
+        stream_request = inference_pb2.GenerateStreamRequest.FromString(request.SerializeToString())
+        return GenerationStream(self._t.stream(self._stub.GenerateStream, stream_request, timeout=timeout))
 
     def score(
         self,
@@ -300,13 +295,8 @@ class AsyncInference:
     def stream(self, prompt: PromptLike, *, timeout: float | None = _DEFAULT, **options: Any) -> AsyncGenerationStream:
         """See `Inference.stream`."""
         request = _generate_request(prompt, _stream_options(options))
-        deadline = self._t.options.timeout if timeout is _DEFAULT else timeout
-        call = self._stub.GenerateStream(
-            inference_pb2.GenerateStreamRequest.FromString(request.SerializeToString()),
-            timeout=deadline,
-            metadata=self._t.options.call_metadata(),
-        )
-        return AsyncGenerationStream(call)
+        stream_request = inference_pb2.GenerateStreamRequest.FromString(request.SerializeToString())
+        return AsyncGenerationStream(self._t.stream(self._stub.GenerateStream, stream_request, timeout=timeout))
 
     async def score(
         self,

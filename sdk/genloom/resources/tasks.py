@@ -459,8 +459,7 @@ class Tasks:
         self._stub = tasks_pb2_grpc.TaskServiceStub(transport.channel)
 
     def _stream(self, method: Any, request: Any, timeout: float | object | None) -> Any:
-        deadline = self._t.options.timeout if timeout is _DEFAULT else timeout
-        return method(request, timeout=deadline, metadata=self._t.options.call_metadata())
+        return self._t.stream(method, request, timeout=timeout)
 
     def summarize(
         self,
@@ -706,8 +705,7 @@ class AsyncTasks:
         self._stub = tasks_pb2_grpc.TaskServiceStub(transport.channel)
 
     def _stream(self, method: Any, request: Any, timeout: float | object | None) -> Any:
-        deadline = self._t.options.timeout if timeout is _DEFAULT else timeout
-        return method(request, timeout=deadline, metadata=self._t.options.call_metadata())
+        return self._t.stream(method, request, timeout=timeout)
 
     async def summarize(
         self,
