@@ -3,11 +3,14 @@ cancel of queued jobs, full fine-tuning results, and the store's event stream.""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
 import uuid
 from pathlib import Path
 
 import pytest
+import redis
 
 from genloom.services.finetune.jobs import JobManager
 from genloom.services.finetune.store import Store
@@ -19,12 +22,17 @@ from .conftest import FineTuneEnv, FineTuneServer, WorkerProcess, tiny_spec
 S = finetune_pb2
 
 
+# The manager's jobs live in a Redis database of their own: in the shared one, the session's finetune server
+# runs its reaper every 0.5 s and would re-queue these tests' "lost" jobs to the shared worker under their feet.
+ISOLATED_REDIS_URL = os.environ.get("GENLOOM_TEST_FINETUNE_ISOLATED_REDIS", "redis://127.0.0.1:6379/12")
+
+
 @pytest.fixture
 def manager(ft_env: FineTuneEnv) -> JobManager:
+    redis.Redis.from_url(ISOLATED_REDIS_URL).flushdb()
     sent: list[str] = []
-    m = JobManager(
-        Store.from_url(ft_env.redis_url), ft_env.model_settings(), ft_env.settings(max_attempts=2), sent.append
-    )
+    models = dataclasses.replace(ft_env.model_settings(), redis_url=ISOLATED_REDIS_URL)
+    m = JobManager(Store.from_url(ISOLATED_REDIS_URL), models, ft_env.settings(max_attempts=2), sent.append)
     m.sent = sent  # type: ignore[attr-defined]
     return m
 
