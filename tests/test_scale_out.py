@@ -11,7 +11,7 @@ import signal
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -73,6 +73,44 @@ def _wait_both_connected(client: genloom.Client, servers: list[ServerProcess]) -
         client.tokenizer.count_tokens("warm up")
 
 
+class _CallLoop:
+    """Calls `call` again and again in a thread until stopped or until a call fails (the error is kept)."""
+
+    def __init__(self, call: Callable[[], str]) -> None:
+        self.results: list[str] = []
+        self.errors: list[BaseException] = []
+        self._call, self._stop = call, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.results.append(self._call())
+            except BaseException as error:
+                self.errors.append(error)
+                return
+
+    def wait_for(self, count: int, why: str) -> None:
+        while len(self.results) < count:
+            assert self._thread.is_alive(), f"{why}: {self.errors!r}"
+            time.sleep(0.05)
+
+    def kill_while_serving(self, server: ServerProcess, methods: Sequence[str]) -> None:
+        """SIGKILL `server` while it is handling one of `methods`, so a call under way has to go elsewhere."""
+        while sum(_in_flight(server, method) for method in methods) == 0:
+            assert self._thread.is_alive(), self.errors
+            time.sleep(0.005)
+        assert server.process is not None
+        server.process.kill()
+        server.process.wait(30)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(120)
+        assert not self.errors, self.errors
+
+
 def test_replicas_share_calls_and_idempotent_calls_survive_a_killed_replica(replicas: list[ServerProcess]) -> None:
     first, second = replicas
     with genloom.Client(target=_target(replicas), max_retries=3, timeout=60) as client:
@@ -84,41 +122,18 @@ def test_replicas_share_calls_and_idempotent_calls_survive_a_killed_replica(repl
         assert sum(shares) == 8 and min(shares) >= 3, f"round-robin should spread calls, got {shares}"
 
         # A client keeps calling while one replica dies without warning (SIGKILL: no graceful shutdown).
-        done: list[str] = []
-        errors: list[BaseException] = []
-        stop = threading.Event()
+        def classify_and_generate() -> str:
+            label = client.tasks.classify(TEXTS[0], labels=LABELS).results[0].label
+            client.inference.generate("Say hi.", max_new_tokens=4, temperature=0)
+            return label
 
-        def call_forever() -> None:
-            while not stop.is_set():
-                try:
-                    result = client.tasks.classify(TEXTS[0], labels=LABELS)
-                    done.append(result.results[0].label)
-                    client.inference.generate("Say hi.", max_new_tokens=4, temperature=0)
-                except BaseException as error:
-                    errors.append(error)
-                    return
-
-        worker = threading.Thread(target=call_forever, daemon=True)
-        worker.start()
-        while len(done) < 3:
-            assert worker.is_alive(), errors
-            time.sleep(0.05)
-        # Kill it while it is answering one of the calls, so that call has to be retried on the other replica.
-        while _in_flight(first, "Classify") + _in_flight(first, "Generate") == 0:
-            assert worker.is_alive(), errors
-            time.sleep(0.005)
-        assert first.process is not None
-        first.process.kill()
-        first.process.wait(30)
-        killed_at = len(done)
+        loop = _CallLoop(classify_and_generate)
+        loop.wait_for(3, "a call failed before the kill")
+        loop.kill_while_serving(first, ["Classify", "Generate"])
         second_before = _served(second, "Classify")
-        while len(done) < killed_at + 6:
-            assert worker.is_alive(), f"a call failed after the kill: {errors!r}"
-            time.sleep(0.05)
-        stop.set()
-        worker.join(120)
-        assert not errors, errors
-        assert all(label == "positive" for label in done)
+        loop.wait_for(len(loop.results) + 6, "a call failed after the kill")
+        loop.stop()
+        assert set(loop.results) == {"positive"}
         # Every call since the kill was answered by the survivor.
         assert _served(second, "Classify") - second_before >= 6
 
@@ -143,40 +158,20 @@ def test_task_service_spreads_over_inference_replicas_and_survives_losing_one() 
     try:
         tasks.start()
         with genloom.Client(target=tasks.target, max_retries=0, timeout=120) as client:
-            labels: list[str] = []
+
+            def classify() -> str:
+                return client.tasks.classify(TEXTS[1], labels=LABELS).results[0].label
+
             deadline = time.monotonic() + 120
             while min(_served(s, "Score", "genloom.v1.InferenceService") for s in inference) < 2:
                 assert time.monotonic() < deadline, "the task service never used both inference replicas"
-                labels.append(client.tasks.classify(TEXTS[1], labels=LABELS).results[0].label)
+                assert classify() == "negative"
 
-            errors: list[BaseException] = []
-            stop = threading.Event()
-
-            def classify_forever() -> None:
-                while not stop.is_set():
-                    try:
-                        labels.append(client.tasks.classify(TEXTS[1], labels=LABELS).results[0].label)
-                    except BaseException as error:
-                        errors.append(error)
-                        return
-
-            worker = threading.Thread(target=classify_forever, daemon=True)
-            worker.start()
-            doomed = inference[0]
-            while _in_flight(doomed, "Score") == 0:  # kill it while it answers one of the task service's calls
-                assert worker.is_alive(), errors
-                time.sleep(0.005)
-            assert doomed.process is not None
-            doomed.process.kill()
-            doomed.process.wait(30)
-            after = len(labels)
-            while len(labels) < after + 5:
-                assert worker.is_alive(), f"a task call failed after an inference replica died: {errors!r}"
-                time.sleep(0.05)
-            stop.set()
-            worker.join(120)
-            assert not errors, errors
-            assert set(labels) == {"negative"}
+            loop = _CallLoop(classify)
+            loop.kill_while_serving(inference[0], ["Score"])
+            loop.wait_for(len(loop.results) + 5, "a task call failed after an inference replica died")
+            loop.stop()
+            assert set(loop.results) == {"negative"}
     finally:
         for server in (tasks, tokenizer, *inference):
             server.stop(timeout=30)
