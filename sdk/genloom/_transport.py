@@ -25,19 +25,22 @@ INITIAL_BACKOFF = 0.5
 MAX_BACKOFF = 8.0
 KEEPALIVE_TIME_MS = 30_000
 KEEPALIVE_TIMEOUT_MS = 20_000
+# A server that stops answering without closing the connection (a frozen process, a lost node, a network
+# partition) is noticed within keepalive time + timeout, so a call or stream on it fails with UNAVAILABLE instead
+# of waiting for its deadline (or forever, without one). Pings go on while a call waits for data; genloom servers
+# accept one every 5 s. gRPC core times a ping out after the shorter of keepalive_timeout and ping_timeout
+# (default 1 minute), hence both. The task service's channels to its backends use these too.
+KEEPALIVE_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.http2.max_pings_without_data", 0),
+)
 DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
     ("grpc.lb_policy_name", "round_robin"),
-    # A server that stops answering without closing the connection (a frozen process, a lost node, a network
-    # partition) is noticed within keepalive time + timeout, so a call or stream on it fails with UNAVAILABLE
-    # instead of waiting for its deadline (or forever, without one). Pings go on while a call waits for data;
-    # genloom servers accept one every 5 s.
-    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
-    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-    # gRPC core times a keepalive ping out after the shorter of this and keepalive_timeout (default 1 minute).
-    ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-    ("grpc.http2.max_pings_without_data", 0),
+    *KEEPALIVE_OPTIONS,
 )
 Response = TypeVar("Response")
 

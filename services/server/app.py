@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from genloom.services.server.interceptors import default_interceptors
 from genloom.services.server.metrics import serve_metrics
-from genloom.services.server.settings import ServerSettings
+from genloom.services.server.settings import ServerSettings, bracket, local_address
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class GenloomServer:
         for name in ["", *names]:
             await self._health.set(name, NOT_SERVING)
 
-        address = f"{_bracket(s.host)}:{s.port}"
+        address = f"{bracket(s.host)}:{s.port}"
         if s.tls_cert is not None and s.tls_key is not None:
             credentials = grpc.ssl_server_credentials([(s.tls_key.read_bytes(), s.tls_cert.read_bytes())])
             self.port = server.add_secure_port(address, credentials)
@@ -120,14 +120,13 @@ class GenloomServer:
         """Tell services that call other services (tasks -> tokenizer, inference) how to reach this server."""
         s = self.settings
         tls = s.tls_cert is not None and s.tls_key is not None
-        host = s.host if s.host not in ("0.0.0.0", "::", "[::]", "") else "127.0.0.1"
-        if tls:
-            host = "localhost"  # the name a self-signed development certificate is most likely issued for
+        # With TLS: localhost, the name a self-signed development certificate is most likely issued for.
+        target = local_address("localhost" if tls else s.host, self.port)
         keys = sorted(s.load_api_keys())
         for service in self.services:
             if hasattr(service, "bind_local_target"):
                 service.bind_local_target(
-                    f"{_bracket(host)}:{self.port}",
+                    target,
                     keys[0] if keys else "",
                     s.tls_cert.read_bytes() if tls and s.tls_cert is not None else None,
                 )
@@ -197,7 +196,3 @@ class GenloomServer:
             await self.stop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
-
-
-def _bracket(host: str) -> str:
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host

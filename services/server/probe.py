@@ -19,21 +19,14 @@ from collections.abc import Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from genloom.services.server.settings import ENV_PREFIX
-
-# A server listening on every interface is reached on loopback from inside its own container.
-_WILDCARDS = {"", "0.0.0.0", "::", "[::]"}
+from genloom.services.server.settings import ENV_PREFIX, local_address
 
 
 def default_target(environ: os._Environ[str] | dict[str, str] = os.environ) -> str:
-    """host:port of the server these settings describe, as seen from the same host."""
-    host = environ.get(ENV_PREFIX + "HOST", "127.0.0.1").strip()
-    port = environ.get(ENV_PREFIX + "PORT", "50051").strip()
-    if host in _WILDCARDS:
-        host = "127.0.0.1"
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"{host}:{port}"
+    """host:port of the server these settings describe, as seen from the same host (a wildcard host: loopback)."""
+    return local_address(
+        environ.get(ENV_PREFIX + "HOST", "127.0.0.1"), environ.get(ENV_PREFIX + "PORT", "50051").strip()
+    )
 
 
 def check(

@@ -23,6 +23,17 @@ _FALSE = {"0", "false", "no", "off", ""}
 S = TypeVar("S", bound="Settings")
 
 
+def bracket(host: str) -> str:
+    """An IPv6 literal in brackets, as host:port addresses need it; other hosts unchanged."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def local_address(host: str, port: int | str) -> str:
+    """How a process on the same machine reaches a server listening on host:port (a wildcard host: loopback)."""
+    reachable = "127.0.0.1" if host.strip() in ("", "0.0.0.0", "::", "[::]") else host.strip()
+    return f"{bracket(reachable)}:{port}"
+
+
 class SettingsError(ValueError):
     """A setting has a value that can't be used; the message names the env var / flag and how to fix it."""
 

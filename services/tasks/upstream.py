@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 
+from genloom._transport import KEEPALIVE_OPTIONS
 from genloom.services.server import errors
 from genloom.services.server.interceptors import request_id_var
 from genloom.services.tasks.settings import TasksSettings
@@ -59,14 +60,9 @@ _CHANNEL_OPTIONS = [
     ("grpc.lb_policy_name", "round_robin"),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    # A backend that stops answering without closing the connection (frozen, its node lost) is noticed within
-    # 50 s by unanswered pings; its calls then fail UNAVAILABLE and the retry policy above moves them to another
-    # replica. Pings go on while a call waits (the servers accept one every 5 s); gRPC core times a ping out
-    # after the shorter of the two timeouts.
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 20_000),
-    ("grpc.http2.ping_timeout_ms", 20_000),
-    ("grpc.http2.max_pings_without_data", 0),
+    # A backend that stops answering without closing the connection (frozen, its node lost) is noticed by
+    # unanswered pings as the SDK notices it; its calls then fail UNAVAILABLE and _may_retry moves them elsewhere.
+    *KEEPALIVE_OPTIONS,
 ]
 
 
