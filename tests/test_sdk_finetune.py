@@ -888,6 +888,14 @@ def test_sweep_get_list_cancel_and_wait(client: genloom.Client, service: StandIn
     job = client.finetune.get(service.add_job(finetune_pb2.JOB_STATE_SUCCEEDED).id)
     client.finetune.sweeps.create(job.spec, search_space={"lora_rank": [8, 16]})
     assert service.requests[-1].spec.base_job.training_data.path == job.spec.training_file
+    # ...unless it was uploaded inline: servers keep that private to its job, so the SDK says to send it again.
+    uploaded = service.add_job(finetune_pb2.JOB_STATE_SUCCEEDED)
+    uploaded.spec.training_data.path = f"upload:{uploaded.id}/training.jsonl"
+    uploaded_spec = client.finetune.get(uploaded.id).spec
+    sent = len(service.requests)
+    with pytest.raises(ValueError, match="pass the data itself again"):
+        client.finetune.sweeps.create(uploaded_spec, search_space={"lora_rank": [8, 16]})
+    assert len(service.requests) == sent
 
 
 # --- async ---------------------------------------------------------------------------------------------------------

@@ -121,10 +121,12 @@ def test_tokenizer_info_and_list(client: genloom.Client, reference) -> None:  # 
     assert [(t.model, t.is_default) for t in listed][:2] == [(DEFAULT_MODEL, True), ("small", False)]
 
 
-def test_model_by_path(client: genloom.Client, small_model_dir: Path) -> None:
-    result = client.tokenizer.count_tokens("hello", model=str(small_model_dir))
-    assert result.model == str(small_model_dir)
-    assert result.context_window == 512
+def test_model_paths_are_off_by_default(client: genloom.Client, small_model_dir: Path) -> None:
+    # Even a configured model's directory: by default clients name models, never server paths (tests with paths
+    # allowed are in test_model_paths.py).
+    with pytest.raises(genloom.NotFoundError, match="GENLOOM_ALLOW_MODEL_PATHS is off"):
+        client.tokenizer.count_tokens("hello", model=str(small_model_dir))
+    assert [t.model for t in client.tokenizer.list()][:2] == [DEFAULT_MODEL, "small"]
 
 
 async def test_async_client(tokenizer_server: ServerThread, reference) -> None:  # type: ignore[no-untyped-def]

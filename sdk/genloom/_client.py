@@ -57,9 +57,15 @@ class Client(_ClientBase):
         target: gRPC target, e.g. "127.0.0.1:50051" or "ipv4:10.0.0.1:50051,10.0.0.2:50051" (round-robin).
             Default: $GENLOOM_TARGET, else 127.0.0.1:50051.
         api_key: sent as "authorization: Bearer <key>". Default: $GENLOOM_API_KEY.
-        timeout: deadline in seconds for each call (None: no deadline). Default: $GENLOOM_TIMEOUT, else 60.
-        max_retries: retries of a call that failed with UNAVAILABLE or RESOURCE_EXHAUSTED, with jittered
-            exponential backoff (0.5 s doubling to 8 s, or the server's RetryInfo). Default 2.
+        timeout: seconds each call may take in all, retries and their waits included: each attempt gets what is
+            left as its gRPC deadline, and no retry starts that could not finish in time (the call then fails with
+            its last error, or DeadlineExceededError if time ran out during an attempt). None: no deadline.
+            Default: $GENLOOM_TIMEOUT, else 60. A method's `timeout=` argument replaces it for that call.
+        max_retries: retries of a call that failed with UNAVAILABLE, or with RESOURCE_EXHAUSTED that is the
+            server's overload answer (it carries RetryInfo; gRPC's own size-limit errors are not retried). Each
+            waits the server's RetryInfo delay, if any, plus a random share of a window that doubles from 0.5 s to
+            8 s, so that clients refused together do not retry together. Default 8 (the timeout usually ends a
+            call first). The attempts and delays are logged at DEBUG by the "genloom._transport" logger.
         tls: use TLS with the system's root certificates.
         root_certificates: PEM roots to trust instead (implies TLS).
         metadata: extra metadata sent with every call.

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
 __all__ = [
     "APIStatusError",
@@ -59,6 +61,7 @@ class APIStatusError(GenLoomError):
         request_id: str | None = None,
         field_violations: Sequence[FieldViolation] = (),
         retry_after: float | None = None,
+        attempts: int = 1,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -69,7 +72,10 @@ class APIStatusError(GenLoomError):
         self.field_violations = list(field_violations)
         """For INVALID_ARGUMENT: each offending field."""
         self.retry_after = retry_after
-        """For RESOURCE_EXHAUSTED: seconds the server asked the client to wait before retrying."""
+        """For RESOURCE_EXHAUSTED: seconds the server asked the client to wait before retrying (RetryInfo); set
+        only on the server's overload answer, which is what the SDK retries."""
+        self.attempts = attempts
+        """How many times the SDK sent the call (1 + its retries) before raising this."""
 
     def __str__(self) -> str:
         suffix = f" (request id {self.request_id})" if self.request_id else ""
@@ -170,14 +176,23 @@ def error_from_status(
     request_id: str | None = None,
     field_violations: Sequence[FieldViolation] = (),
     retry_after: float | None = None,
+    attempts: int = 1,
 ) -> APIStatusError:
     """The one place that maps a gRPC status code to its exception class."""
     cls = _BY_CODE.get(code, UnknownError)
-    return cls(message, code=code, request_id=request_id, field_violations=field_violations, retry_after=retry_after)
+    return cls(
+        message,
+        code=code,
+        request_id=request_id,
+        field_violations=field_violations,
+        retry_after=retry_after,
+        attempts=attempts,
+    )
 
 
-def error_from_rpc(err: grpc.RpcError) -> APIStatusError:
-    """Convert a grpc RpcError (sync or aio) into the SDK's exception, with the server's structured details."""
+def error_from_rpc(err: grpc.RpcError, *, attempts: int = 1) -> APIStatusError:
+    """Convert a grpc RpcError (sync or aio) into the SDK's exception, with the server's structured details.
+    `attempts`: how many times the call was sent."""
     code = err.code() if callable(getattr(err, "code", None)) else grpc.StatusCode.UNKNOWN
     message = (err.details() if callable(getattr(err, "details", None)) else None) or str(code.name)
     metadata: list[tuple[str, Any]] = []
@@ -187,27 +202,85 @@ def error_from_rpc(err: grpc.RpcError) -> APIStatusError:
             metadata += list(fn() or ()) if callable(fn) else []
     request_id = next((str(v) for k, v in metadata if k == "x-request-id"), None)
     violations, retry_after = _parse_details(metadata)
-    return error_from_status(code, message, request_id=request_id, field_violations=violations, retry_after=retry_after)
+    return error_from_status(
+        code, message, request_id=request_id, field_violations=violations, retry_after=retry_after, attempts=attempts
+    )
 
 
 def _parse_details(metadata: list[tuple[str, Any]]) -> tuple[list[FieldViolation], float | None]:
     blob = next((v for k, v in metadata if k == "grpc-status-details-bin"), None)
     if not isinstance(blob, bytes):
         return [], None
-    try:  # googleapis-common-protos ships with the server extra; without it the details are skipped
+    status_cls, bad_request_cls, retry_info_cls = _rpc_message_classes()
+    try:
+        status = status_cls.FromString(blob)
+        violations: list[FieldViolation] = []
+        retry_after: float | None = None
+        for detail in status.details:
+            kind = detail.type_url.rpartition("/")[2]
+            if kind == "google.rpc.BadRequest":
+                bad = bad_request_cls.FromString(detail.value)
+                violations += [FieldViolation(v.field, v.description) for v in bad.field_violations]
+            elif kind == "google.rpc.RetryInfo":
+                delay = retry_info_cls.FromString(detail.value).retry_delay
+                retry_after = delay.seconds + delay.nanos / 1e9
+    except DecodeError:  # not a google.rpc.Status: keep the code and message, which is what matters
+        return [], None
+    return violations, retry_after
+
+
+@functools.cache
+def _rpc_message_classes() -> tuple[Any, Any, Any]:
+    """google.rpc Status, BadRequest and RetryInfo: from googleapis-common-protos where installed (the server
+    extra), else built from the subset of their definitions declared below, so that an SDK-only install (grpcio
+    and protobuf) still sees field violations and, above all, RetryInfo: without it the SDK could not tell the
+    server's overload answer from a RESOURCE_EXHAUSTED that retrying cannot fix."""
+    try:
         from google.rpc import error_details_pb2, status_pb2
     except ImportError:
-        return [], None
-    status = status_pb2.Status.FromString(blob)
-    violations: list[FieldViolation] = []
-    retry_after: float | None = None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            violations += [FieldViolation(v.field, v.description) for v in bad.field_violations]
-        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            info = error_details_pb2.RetryInfo()
-            detail.Unpack(info)
-            retry_after = info.retry_delay.ToTimedelta().total_seconds()
-    return violations, retry_after
+        return _declared_rpc_message_classes()
+    return status_pb2.Status, error_details_pb2.BadRequest, error_details_pb2.RetryInfo
+
+
+def _declared_rpc_message_classes() -> tuple[type[Message], type[Message], type[Message]]:
+    # Field numbers and types as in google/rpc/status.proto and error_details.proto (wire-compatible subsets),
+    # in a pool of their own so that they never clash with googleapis-common-protos if it is imported later.
+    from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool, duration_pb2, message_factory
+
+    field = descriptor_pb2.FieldDescriptorProto
+    optional, repeated = field.LABEL_OPTIONAL, field.LABEL_REPEATED
+    pool = descriptor_pool.DescriptorPool()
+    for dependency in (any_pb2, duration_pb2):
+        pool.Add(descriptor_pb2.FileDescriptorProto.FromString(dependency.DESCRIPTOR.serialized_pb))
+    file = descriptor_pb2.FileDescriptorProto(
+        name="genloom/sdk/google_rpc_subset.proto",
+        package="google.rpc",
+        syntax="proto3",
+        dependency=["google/protobuf/any.proto", "google/protobuf/duration.proto"],
+    )
+    status = file.message_type.add(name="Status")
+    status.field.add(name="code", number=1, type=field.TYPE_INT32, label=optional)
+    status.field.add(name="message", number=2, type=field.TYPE_STRING, label=optional)
+    status.field.add(
+        name="details", number=3, type=field.TYPE_MESSAGE, label=repeated, type_name=".google.protobuf.Any"
+    )
+    retry_info = file.message_type.add(name="RetryInfo")
+    retry_info.field.add(
+        name="retry_delay", number=1, type=field.TYPE_MESSAGE, label=optional, type_name=".google.protobuf.Duration"
+    )
+    bad_request = file.message_type.add(name="BadRequest")
+    violation = bad_request.nested_type.add(name="FieldViolation")
+    violation.field.add(name="field", number=1, type=field.TYPE_STRING, label=optional)
+    violation.field.add(name="description", number=2, type=field.TYPE_STRING, label=optional)
+    bad_request.field.add(
+        name="field_violations",
+        number=1,
+        type=field.TYPE_MESSAGE,
+        label=repeated,
+        type_name=".google.rpc.BadRequest.FieldViolation",
+    )
+    pool.Add(file)
+    return tuple(  # type: ignore[return-value]
+        message_factory.GetMessageClass(pool.FindMessageTypeByName(f"google.rpc.{name}"))
+        for name in ("Status", "BadRequest", "RetryInfo")
+    )

@@ -9,29 +9,35 @@ the caller did not expect, so two processes racing on one job cannot both win.
 from __future__ import annotations
 
 import logging
+import os
+import re
 import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import redis
 from google.protobuf import json_format
 
 from genloom.services.finetune import data as data_mod
 from genloom.services.finetune import spec as spec_mod
 from genloom.services.finetune.ids import new_job_id
 from genloom.services.finetune.settings import FinetuneSettings
-from genloom.services.finetune.store import EVENT_NAMES, TERMINAL, Store, message_event, state_event
+from genloom.services.finetune.store import EVENT_NAMES, TERMINAL, Store, lease_key, message_event, state_event
 from genloom.services.finetune.webhooks import deliver
 from genloom.services.models.registry import ModelRegistry, ModelSpec
 from genloom.services.server.errors import (
     AlreadyExists,
     FailedPrecondition,
-    FieldViolation,
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    ServiceError,
+    quote,
 )
+from genloom.services.server.paths import canonical, resolve_within
 from genloom.services.server.settings import ModelSettings
 from genloom.services.tokenizer.store import LoadedTokenizer, load_tokenizer
 from genloom.v1 import finetune_pb2
@@ -42,13 +48,31 @@ S = finetune_pb2
 WARNING = S.JOB_EVENT_LEVEL_WARNING
 ERROR = S.JOB_EVENT_LEVEL_ERROR
 DEFAULT_VALIDATION_SPLIT = 0.1
+# How records name data uploaded inline: "upload:<job-or-sweep-id>/<training|validation>.jsonl". It says whose
+# data it is without showing where the artifact store is, and only that job (or that sweep's trials) may read it.
+UPLOAD_PREFIX = "upload:"
+_UPLOAD = re.compile(r"upload:(?P<owner>ft(?:job|sweep)-[0-9a-z]{26})/(?P<file>(?:training|validation)\.jsonl)")
 
 
 class Heartbeat:
-    """Keeps a lease alive from a thread; `lost` turns true if the lease was taken from us (it lapsed)."""
+    """Keeps a lease alive from a thread; `lost` turns true if the lease was taken from us (it lapsed).
 
-    def __init__(self, store: Store, kind: str, job_id: str, token: str, seconds: float) -> None:
+    A lease also lapses when Redis was unreachable for longer than the lease while its holder kept working. With
+    `reclaim` set, a lapsed lease is taken back if `reclaim()` says the work is still ours (it checks the record
+    in the same transaction), so a Redis outage does not cost the job its worker.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        kind: str,
+        job_id: str,
+        token: str,
+        seconds: float,
+        reclaim: Callable[[], bool] | None = None,
+    ) -> None:
         self.store, self.kind, self.job_id, self.token, self.seconds = store, kind, job_id, token, seconds
+        self.reclaim = reclaim
         self.lost = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"genloom-{kind}-{job_id}", daemon=True)
@@ -60,7 +84,13 @@ class Heartbeat:
     def _run(self) -> None:
         while not self._stop.wait(self.seconds / 3):
             try:
-                if not self.store.renew_lease(self.kind, self.job_id, self.token, self.seconds):
+                renewed = self.store.renew_lease(self.kind, self.job_id, self.token, self.seconds)
+                if not renewed and self.reclaim is not None and self.reclaim():
+                    logger.warning(
+                        "the %s on job %s had lapsed (Redis unreachable?); took it back", self.kind, self.job_id
+                    )
+                    renewed = True
+                if not renewed:
                     self.lost = True
                     logger.error("lost the %s on job %s (it lapsed); stopping", self.kind, self.job_id)
                     return
@@ -71,7 +101,22 @@ class Heartbeat:
         self._stop.set()
         self._thread.join(timeout=5)
         if not self.lost:
-            self.store.release_lease(self.kind, self.job_id, self.token)
+            try:
+                self.store.release_lease(self.kind, self.job_id, self.token)
+            except (redis.ConnectionError, redis.TimeoutError):
+                logger.warning("could not release the %s on job %s; it lapses by itself", self.kind, self.job_id)
+
+
+def describe_error(err: BaseException) -> str:
+    """An error as a client may read it: a service error's message; for an OSError its strerror only (its str()
+    repeats the absolute path, i.e. the server's layout); else the message of a ValueError or the type's name."""
+    if isinstance(err, ServiceError):
+        return err.message
+    if isinstance(err, OSError):
+        return err.strerror or type(err).__name__
+    if isinstance(err, ValueError):
+        return str(err)
+    return type(err).__name__
 
 
 @dataclass
@@ -101,7 +146,10 @@ class JobManager:
         self.settings = settings
         self.send = send
         self.registry = ModelRegistry(models)
-        self._tokenizers: dict[str, LoadedTokenizer] = {}
+        self.webhook_policy = settings.webhook_policy()
+        # Keyed by canonical directory (the registry resolves every spelling to one), bounded like the tokenizer
+        # service's cache: models named by path come and go.
+        self._tokenizers: OrderedDict[str, LoadedTokenizer] = OrderedDict()
         self._lock = threading.Lock()
         # Called with a job that just ended (set by whoever advances sweeps).
         self.on_finished: Callable[[finetune_pb2.Job], None] | None = None
@@ -112,18 +160,27 @@ class JobManager:
         if ":" in name:
             raise InvalidArgument.field(field, "a base model name has no ':' (fine-tuned models cannot be bases)")
         try:
-            return self.registry.resolve(name)
+            return self.registry.resolve(name, field=field)
         except NotFound as err:
-            raise NotFound(f"{field}: {err}") from None
+            message = err.message if err.message.startswith(f"{field}:") else f"{field}: {err.message}"
+            raise NotFound(message) from None
+        except (OSError, ValueError) as err:
+            # A path the file system refuses (a name over NAME_MAX, ...): the request's fault, never INTERNAL.
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else "not a usable name or path"
+            raise InvalidArgument.field(field, f"{quote(name)}: {reason}") from None
 
     def tokenizer(self, spec: ModelSpec) -> LoadedTokenizer:
         key = str(spec.path)
         with self._lock:
             tok = self._tokenizers.get(key)
+            if tok is not None:
+                self._tokenizers.move_to_end(key)
         if tok is None:
             tok = load_tokenizer(spec, self.models.max_model_len)
             with self._lock:
                 self._tokenizers[key] = tok
+                while len(self._tokenizers) > max(1, self.models.max_cached_models):
+                    self._tokenizers.popitem(last=False)
         return tok
 
     # -- create -------------------------------------------------------------------------------------------------
@@ -139,7 +196,7 @@ class JobManager:
         by validate()). Raises InvalidArgument / NotFound / PermissionDenied / AlreadyExists."""
         violations = spec_mod.check_job_spec(request.spec, self.settings, field="spec")
         if request.HasField("webhook"):
-            violations += spec_mod.check_webhook(request.webhook, field="webhook")
+            violations += spec_mod.check_webhook(request.webhook, field="webhook", policy=self.webhook_policy)
         violations += spec_mod.check_idempotency_key(request.idempotency_key)
         spec_mod.raise_if(violations)
         digest = spec_mod.request_digest(request)
@@ -165,9 +222,11 @@ class JobManager:
             spec.method = S.FINE_TUNE_METHOD_LORA
         if not spec.HasField("validation_data") and not spec.HasField("validation_split"):
             spec.validation_split = DEFAULT_VALIDATION_SPLIT
-        spec.training_data.CopyFrom(self.store_data(spec.training_data, job_id, "training"))
+        spec.training_data.CopyFrom(self.store_data(spec.training_data, job_id, "training", sweep_id=sweep_id))
         if spec.HasField("validation_data"):
-            spec.validation_data.CopyFrom(self.store_data(spec.validation_data, job_id, "validation"))
+            spec.validation_data.CopyFrom(
+                self.store_data(spec.validation_data, job_id, "validation", sweep_id=sweep_id)
+            )
         job = finetune_pb2.Job(
             id=job_id,
             state=S.JOB_STATE_VALIDATING,
@@ -205,32 +264,70 @@ class JobManager:
         return self.store.with_last_event(job) if job else None
 
     def store_data(
-        self, source: finetune_pb2.TrainingDataSource, job_id: str, name: str
+        self, source: finetune_pb2.TrainingDataSource, owner: str, name: str, *, sweep_id: str = ""
     ) -> finetune_pb2.TrainingDataSource:
+        """The source as the record keeps it: inline bytes written to `owner`'s directory and named
+        "upload:<owner>/<name>.jsonl"; a path checked inside GENLOOM_FINETUNE_DATA_ROOT (containment before
+        existence) and kept relative to it. A sweep's trial (`sweep_id`) may name its sweep's upload; no client
+        may name any upload, so no job reads another's data through the artifact store."""
         field = f"spec.{name}_data"
         if source.WhichOneof("source") == "jsonl":
-            target = self.job_dir(job_id) / "data" / f"{name}.jsonl"
+            target = self.job_dir(owner) / "data" / f"{name}.jsonl"
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(source.jsonl)
-            return finetune_pb2.TrainingDataSource(path=str(target))
-        path = Path(source.path).expanduser()
-        try:
-            resolved = path.resolve(strict=True)
-        except (OSError, RuntimeError):
-            raise InvalidArgument(
-                f"{field}.path: {source.path!r} does not exist on the server",
-                [FieldViolation(f"{field}.path", "no such file")],
-            ) from None
-        roots = [self.settings.artifact_root] + (
-            [self.settings.training_data_root] if self.settings.training_data_root else []
-        )
-        if not any(resolved.is_relative_to(Path(root).expanduser().resolve()) for root in roots):
-            raise PermissionDenied(
-                f"{field}.path: {source.path!r} is outside GENLOOM_FINETUNE_DATA_ROOT and the artifact store"
+            return finetune_pb2.TrainingDataSource(path=f"{UPLOAD_PREFIX}{owner}/{name}.jsonl")
+        path = source.path
+        upload = _UPLOAD.fullmatch(path)
+        if upload is not None and sweep_id and upload["owner"] == sweep_id:
+            return finetune_pb2.TrainingDataSource(path=path)
+        legacy = self._legacy_upload(path, sweep_id) if sweep_id else None
+        if legacy is not None:
+            return finetune_pb2.TrainingDataSource(path=legacy)
+        if path.startswith(UPLOAD_PREFIX):
+            raise InvalidArgument.field(
+                f"{field}.path",
+                "names data uploaded with another job or sweep, which only that job can read: send the data "
+                "again (jsonl)",
             )
-        if not resolved.is_file():
-            raise InvalidArgument.field(f"{field}.path", f"{source.path!r} is not a file")
-        return finetune_pb2.TrainingDataSource(path=str(resolved))
+        resolved = self._data_root_file(path, f"{field}.path")
+        root = self.settings.training_data_root
+        assert root is not None  # _data_root_file refuses every path without one
+        return finetune_pb2.TrainingDataSource(path=resolved.relative_to(canonical(root)).as_posix())
+
+    def _data_root_file(self, path: str, field: str) -> Path:
+        root = self.settings.training_data_root
+        return resolve_within(
+            path, [root] if root else [], field=field, kind="file", setting="GENLOOM_FINETUNE_DATA_ROOT"
+        )
+
+    def _legacy_upload(self, path: str, sweep_id: str) -> str | None:
+        """Records written before uploads were named: an absolute path into the sweep's own upload directory."""
+        if not os.path.isabs(path):
+            return None
+        own = canonical(self.job_dir(sweep_id) / "data")
+        target = canonical(path)
+        if target.parent == own and target.name in ("training.jsonl", "validation.jsonl"):
+            return f"{UPLOAD_PREFIX}{sweep_id}/{target.name}"
+        return None
+
+    def data_file(self, job: finetune_pb2.Job, path: str, name: str) -> Path:
+        """Where a job's data source is on disk, checked again as the job reads it: an upload only when it is the
+        job's own (or its sweep's), anything else only inside the data root. Raises InvalidArgument, NotFound or
+        PermissionDenied with messages that name no server directory."""
+        field = f"spec.{name}_data.path"
+        upload = _UPLOAD.fullmatch(path)
+        owners = {job.id, job.sweep_id} - {""}
+        if upload is not None:
+            if upload["owner"] not in owners:
+                raise PermissionDenied(f"{field}: {quote(path)} is data uploaded with another job")
+            return resolve_within(upload["file"], [self.job_dir(upload["owner"]) / "data"], field=field)
+        if os.path.isabs(path):
+            # Records from before uploads were named hold absolute paths: their own upload directory still counts.
+            for owner in sorted(owners):
+                own = canonical(self.job_dir(owner) / "data")
+                if canonical(path).parent == own:
+                    return resolve_within(path, [own], field=field)
+        return self._data_root_file(path, field)
 
     def job_dir(self, job_id: str) -> Path:
         return Path(self.settings.artifact_root).expanduser() / "jobs" / job_id
@@ -252,7 +349,11 @@ class JobManager:
             truncate=spec.truncate_long_examples,
             max_lines=self.settings.max_data_lines,
         )
-        train = data_mod.read_examples(spec.training_data.path, file="training", **common)  # type: ignore[arg-type]
+        train_path = self.data_file(job, spec.training_data.path, "training")
+        validation_path = (
+            self.data_file(job, spec.validation_data.path, "validation") if spec.HasField("validation_data") else None
+        )
+        train = data_mod.read_examples(train_path, file="training", **common)  # type: ignore[arg-type]
         problems = list(train.errors)
         count = train.error_count
         warnings = []
@@ -261,7 +362,7 @@ class JobManager:
         if spec.HasField("validation_data"):
             common["data_format"] = train.data_format
             common["task_options"] = train.task_options  # labels found in the training data, in its order
-            val = data_mod.read_examples(spec.validation_data.path, file="validation", **common)  # type: ignore[arg-type]
+            val = data_mod.read_examples(validation_path, file="validation", **common)  # type: ignore[arg-type]
             problems += val.errors
             count += val.error_count
             truncated += val.truncated
@@ -292,11 +393,20 @@ class JobManager:
 
     def _validate(self, job: finetune_pb2.Job) -> finetune_pb2.Job | None:
         try:
-            found = self.read_data(job)
-        except (NotFound, InvalidArgument) as err:
-            return self.fail(job.id, S.JOB_ERROR_CODE_MODEL_UNAVAILABLE, str(err), allowed=[S.JOB_STATE_VALIDATING])
+            tok = self.tokenizer(self.base_model(job.spec.base_model))
+        except ServiceError as err:
+            return self.fail(job.id, S.JOB_ERROR_CODE_MODEL_UNAVAILABLE, err.message, [S.JOB_STATE_VALIDATING])
+        except OSError as err:
+            logger.warning("job %s: loading the base model's tokenizer failed: %r", job.id, err)
+            message = f"the base model could not be loaded: {describe_error(err)}"
+            return self.fail(job.id, S.JOB_ERROR_CODE_MODEL_UNAVAILABLE, message, [S.JOB_STATE_VALIDATING])
+        try:
+            found = self.read_data(job, tok)
+        except ServiceError as err:
+            return self.fail(job.id, S.JOB_ERROR_CODE_INVALID_DATA, err.message, [S.JOB_STATE_VALIDATING])
         except (ValueError, OSError) as err:
-            return self.fail(job.id, S.JOB_ERROR_CODE_INVALID_DATA, str(err), allowed=[S.JOB_STATE_VALIDATING])
+            message = describe_error(err)
+            return self.fail(job.id, S.JOB_ERROR_CODE_INVALID_DATA, message, [S.JOB_STATE_VALIDATING])
         except Exception as err:
             logger.exception("validating job %s failed", job.id)
             return self.fail(
@@ -360,6 +470,7 @@ class JobManager:
         allowed: list[int] | None = None,
         line_errors: list[finetune_pb2.LineError] | None = None,
         guard: Callable[[finetune_pb2.Job], bool] | None = None,
+        watch: tuple[str, ...] = (),
     ) -> finetune_pb2.Job | None:
         def set_error(j: finetune_pb2.Job) -> None:
             j.error.CopyFrom(finetune_pb2.JobError(code=code, message=message, line_errors=line_errors or []))
@@ -372,6 +483,7 @@ class JobManager:
             level=ERROR,
             mutate=set_error,
             guard=guard,
+            watch=watch,
         )
         return job if moved else None
 
@@ -432,11 +544,20 @@ class JobManager:
         body = json_format.MessageToJson(self.store.with_last_event(job), indent=None).encode()
         event = f"job.{EVENT_NAMES.get(job.state, 'ended')}"
         s = self.settings
-        problem = deliver(
-            url, secret, event, body, attempts=s.webhook_attempts, backoff=s.webhook_backoff, timeout=s.webhook_timeout
+        delivered = deliver(
+            url,
+            secret,
+            event,
+            body,
+            policy=self.webhook_policy,
+            attempts=s.webhook_attempts,
+            backoff=s.webhook_backoff,
+            timeout=s.webhook_timeout,
         )
-        if problem:
-            self.store.add_event(job.id, message_event(f"webhook {url} failed: {problem}", WARNING))
+        if not delivered:
+            # Only that it failed: the reason (a status code, "connection refused") would let a client probe
+            # what answers on the server's network. The server log has it.
+            self.store.add_event(job.id, message_event(f"webhook delivery ({event}) failed", WARNING))
 
     # -- reap -----------------------------------------------------------------------------------------------------
 
@@ -445,18 +566,28 @@ class JobManager:
         from its last checkpoint) or, after GENLOOM_FINETUNE_MAX_ATTEMPTS deliveries, failed. Returns the ids of
         validating jobs nobody is validating (the caller validates them again)."""
         orphans = []
+        grace = self.settings.grace_seconds()
         for job in self.store.jobs_in_states([S.JOB_STATE_RUNNING, S.JOB_STATE_VALIDATING]):
             if job.state == S.JOB_STATE_VALIDATING:
                 if self.store.lease_holder("vlease", job.id) is None:
                     orphans.append(job.id)
                 continue
             if self.store.lease_holder("lease", job.id) is not None:
+                self.store.clear_leaseless(job.id)
+                continue
+            # A lapsed lease may only mean that Redis was unreachable for a while: the worker, still training,
+            # takes it back on its next beat. Only a lease that stays gone for `grace` (measured from when a
+            # reaper with a working Redis first saw it gone) means the worker is lost.
+            if self.store.leaseless_for(job.id) < grace:
                 continue
             self._requeue_lost(job)
+            self.store.clear_leaseless(job.id)
         return orphans
 
     def _requeue_lost(self, job: finetune_pb2.Job) -> None:
         worker = job.worker or "its worker"
+        # Watched with the record: a worker taking its lease back between our look and our write voids the write.
+        lost_lease = (lease_key(job.id),)
 
         def still_lost(j: finetune_pb2.Job) -> bool:
             # Nobody took the job over since we looked (a new owner takes the lease, then bumps attempts).
@@ -473,6 +604,7 @@ class JobManager:
                 allowed_from=[S.JOB_STATE_RUNNING],
                 message="cancelled",
                 guard=still_lost,
+                watch=lost_lease,
             )
             if moved and done is not None:
                 self.finished(done)
@@ -485,6 +617,7 @@ class JobManager:
                 "(GENLOOM_FINETUNE_MAX_ATTEMPTS)",
                 [S.JOB_STATE_RUNNING],
                 guard=still_lost,
+                watch=lost_lease,
             )
             if failed is not None:
                 self.finished(failed)
@@ -497,6 +630,7 @@ class JobManager:
             message=f"{worker} stopped reporting; re-queued to resume from its last checkpoint "
             f"(attempt {job.attempts + 1} of {self.settings.max_attempts})",
             guard=still_lost,
+            watch=lost_lease,
         )
         if moved:
             logger.warning("job %s lost %s; re-queued", job.id, worker)

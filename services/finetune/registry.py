@@ -14,7 +14,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from genloom.services.server.errors import InvalidArgument, NotFound, Unavailable
+from genloom.services.server.errors import InvalidArgument, NotFound, Unavailable, quote
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def parse_name(name: str) -> tuple[str, str, str]:
     """(base, suffix, job id) of a well-formed name; ValueError otherwise."""
     m = _NAME.match(name)
     if m is None:
-        raise ValueError(f"{name!r} is not a fine-tuned model name (ft:<base>:<suffix>:<job-id>)")
+        raise ValueError(f"{quote(name)} is not a fine-tuned model name (ft:<base>:<suffix>:<job-id>)")
     return m["base"], m["suffix"], m["job"]
 
 
@@ -108,28 +108,29 @@ class FineTunedModelResolver:
             # The "ft:" prefix is reserved: a name that breaks the format can never be registered, so the request
             # is what needs fixing, not a model that is missing.
             raise InvalidArgument.field(
-                field, f"{name!r} is not a fine-tuned model name: expected ft:<base>:<suffix>:<job-id>"
+                field, f"{quote(name)} is not a fine-tuned model name: expected ft:<base>:<suffix>:<job-id>"
             ) from None
         try:
             found = await lookup(self._redis(), name)
         except (RedisError, OSError) as err:
             logger.warning("fine-tuned model registry lookup of %s failed: %r", name, err)
             raise Unavailable(
-                f"the fine-tuned model registry (Redis, GENLOOM_REDIS_URL) can't be reached to look up {name!r}; "
+                f"the fine-tuned model registry (GENLOOM_REDIS_URL) can't be reached to look up {quote(name)}; "
                 "retry later"
             ) from None
         if found is None:
             raise NotFound(
-                f"{field}: no fine-tuned model {name!r} is registered (its job has not succeeded, or it never existed)"
+                f"{field}: no fine-tuned model {quote(name)} is registered (its job has not succeeded, or it never "
+                "existed)"
             )
         self._found[name] = found
         return found
 
     def _redis(self) -> Any:
         if self._client is None:
-            import redis.asyncio
+            from genloom.services.finetune.store import async_redis_client
 
-            self._client = redis.asyncio.Redis.from_url(
+            self._client = async_redis_client(
                 self._redis_url, socket_connect_timeout=self._timeout, socket_timeout=self._timeout
             )
         return self._client

@@ -28,6 +28,7 @@ from genloom.services.finetune.store import (
     TERMINAL,
     P,
     Store,
+    async_redis_client,
     events_key,
     page_token,
     read_page_token,
@@ -41,6 +42,7 @@ from genloom.services.server.errors import (
     InvalidArgument,
     NotFound,
     Unavailable,
+    quote,
 )
 from genloom.services.server.settings import ModelSettings
 from genloom.v1 import finetune_pb2, finetune_pb2_grpc
@@ -53,6 +55,16 @@ DEFAULT_PAGE = 20
 MAX_PAGE = 100
 
 
+# What a client is told when Redis can't be reached (after the client's own retries of stale connections):
+# the setting to check, never the address or the driver's error, which names the host and port.
+STORE_UNAVAILABLE = "the job store is unavailable; retry later (operators: check GENLOOM_REDIS_URL)"
+
+
+def _store_unavailable(rpc: str, err: Exception) -> Unavailable:
+    logger.warning("%s: the job store (Redis) is unreachable: %r", rpc, err)
+    return Unavailable(STORE_UNAVAILABLE)
+
+
 def _redis_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Redis unreachable -> UNAVAILABLE (the caller may retry), never INTERNAL."""
 
@@ -61,7 +73,7 @@ def _redis_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return await fn(*args, **kwargs)
         except (redis.ConnectionError, redis.TimeoutError) as err:
-            raise Unavailable(f"the job store (Redis, GENLOOM_REDIS_URL) is unreachable: {err}") from None
+            raise _store_unavailable(fn.__name__, err) from None
 
     return wrapper
 
@@ -73,7 +85,7 @@ def _redis_errors_stream(fn: Callable[..., Any]) -> Callable[..., Any]:
             async for item in fn(*args, **kwargs):
                 yield item
         except (redis.ConnectionError, redis.TimeoutError) as err:
-            raise Unavailable(f"the job store (Redis, GENLOOM_REDIS_URL) is unreachable: {err}") from None
+            raise _store_unavailable(fn.__name__, err) from None
 
     return wrapper
 
@@ -97,7 +109,8 @@ class FineTuningServicer(finetune_pb2_grpc.FineTuningServiceServicer):
         finetune_pb2_grpc.add_FineTuningServiceServicer_to_server(self, server)
 
     async def start(self) -> None:
-        self._aio = aioredis.Redis.from_url(self.models.redis_url, socket_connect_timeout=5, socket_timeout=30)
+        # socket_timeout above XREAD's 5 s block, so a quiet stream is not a timeout.
+        self._aio = async_redis_client(self.models.redis_url, socket_timeout=30)
         # Resolve the default model once now (it may be converted on first use), so CreateJob is quick.
         try:
             await asyncio.to_thread(self.manager.tokenizer, self.manager.base_model(""))
@@ -250,7 +263,7 @@ class FineTuningServicer(finetune_pb2_grpc.FineTuningServiceServicer):
         if after:
             found = await self._aio.xrange(key, min=after, max=after, count=1) if _stream_id(after) else []
             if not found:
-                raise InvalidArgument.field("after_event_id", f"{after!r} is not an event of job {job.id}")
+                raise InvalidArgument.field("after_event_id", f"{quote(after)} is not an event of job {job.id}")
         follow = request.follow if request.HasField("follow") else True
         if follow and after and await self._ended_before(key, after):
             follow = False  # resuming after the end: send what came after it (webhook warnings) and stop
@@ -309,7 +322,7 @@ class FineTuningServicer(finetune_pb2_grpc.FineTuningServiceServicer):
     def _create_sweep(self, request: finetune_pb2.CreateSweepRequest) -> tuple[finetune_pb2.Sweep, bool]:
         violations = search.check_sweep_spec(request.spec, self.settings, field="spec")
         if request.HasField("webhook"):
-            violations += spec_mod.check_webhook(request.webhook, field="webhook")
+            violations += spec_mod.check_webhook(request.webhook, field="webhook", policy=self.manager.webhook_policy)
         violations += spec_mod.check_idempotency_key(request.idempotency_key)
         spec_mod.raise_if(violations)
         spec = search.effective_sweep_spec(request.spec, self.settings)
@@ -398,7 +411,7 @@ def _check_id(value: str, pattern: Any, field: str, prefix: str) -> None:
         raise InvalidArgument.field(field, "is required")
     if not pattern.match(value):
         raise InvalidArgument(
-            f"{field}: {value!r} is not an id ({prefix} followed by 26 base32 characters)",
+            f"{field}: {quote(value)} is not an id ({prefix} followed by 26 base32 characters)",
             [FieldViolation(field, "malformed id")],
         )
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from genloom.services.server.settings import Settings, SettingsError, _default_cache, setting
+from genloom.services.finetune.webhooks import WebhookPolicy
+from genloom.services.server.paths import canonical
+from genloom.services.server.settings import Settings, SettingsError, _default_cache, setting, split_list
 
 
 @dataclass(frozen=True)
@@ -19,8 +21,8 @@ class FinetuneSettings(Settings):
     training_data_root: Path | None = setting(
         None,
         env="FINETUNE_DATA_ROOT",
-        help="Directory CreateJob may read training files from by path (besides the artifact root). Unset = "
-        "only inline data and files already in the artifact store.",
+        help="Directory CreateJob may read training files from by path; a relative path is taken inside it. Unset "
+        "= inline data only. Must not contain the artifact root (uploaded data is readable only by its own job).",
     )
     queue: str = setting("training", env="FINETUNE_QUEUE", help="Celery queue that training jobs are sent to.")
     min_examples: int = setting(10, env="FINETUNE_MIN_EXAMPLES", help="Fewest valid training examples a job may have.")
@@ -50,6 +52,13 @@ class FinetuneSettings(Settings):
         "is treated as having lost its worker (re-queued from its last checkpoint, or failed after "
         "GENLOOM_FINETUNE_MAX_ATTEMPTS).",
     )
+    lost_worker_grace: float | None = setting(
+        None,
+        env="FINETUNE_LOST_WORKER_GRACE",
+        help="Seconds a running job's lease must stay gone, as the reaper sees it with Redis reachable, before its "
+        "worker is deemed lost: a worker that was only cut off from Redis takes its lease back meanwhile and "
+        "keeps the job (no attempt lost). Unset = GENLOOM_FINETUNE_LEASE_SECONDS; 0 = at once.",
+    )
     reap_interval: float = setting(
         5.0,
         env="FINETUNE_REAP_INTERVAL",
@@ -68,6 +77,13 @@ class FinetuneSettings(Settings):
     webhook_backoff: float = setting(
         1.0, env="FINETUNE_WEBHOOK_BACKOFF", help="First delay between webhook retries in seconds (doubles)."
     )
+    webhook_allowed_hosts: str = setting(
+        "",
+        env="FINETUNE_WEBHOOK_ALLOWED_HOSTS",
+        help="Comma-separated host names and networks (CIDR, or single addresses) webhooks may call although "
+        "they are loopback, private, link-local or otherwise not public, e.g. '10.0.0.0/8,hooks.internal'. "
+        "Default: none (webhooks reach public addresses only).",
+    )
 
     def validate(self) -> None:
         env = {info.name: info.env for info in self.fields()}
@@ -85,3 +101,23 @@ class FinetuneSettings(Settings):
                 raise SettingsError(f"{env[name]} must be >= 1")
         if self.lease_seconds <= 0 or self.reap_interval <= 0:
             raise SettingsError("GENLOOM_FINETUNE_LEASE_SECONDS and _REAP_INTERVAL must be > 0")
+        if self.lost_worker_grace is not None and self.lost_worker_grace < 0:
+            raise SettingsError("GENLOOM_FINETUNE_LOST_WORKER_GRACE must be >= 0")
+        try:
+            self.webhook_policy()
+        except ValueError as err:
+            raise SettingsError(f"GENLOOM_FINETUNE_WEBHOOK_ALLOWED_HOSTS: {err}") from None
+        if self.training_data_root is not None:
+            data, artifacts = canonical(self.training_data_root), canonical(self.artifact_root)
+            if artifacts == data or artifacts.is_relative_to(data):
+                raise SettingsError(
+                    "GENLOOM_FINETUNE_DATA_ROOT contains GENLOOM_FINETUNE_ARTIFACT_ROOT: clients could read other "
+                    "jobs' data and results by path; use separate directories"
+                )
+
+    def webhook_policy(self) -> WebhookPolicy:
+        """The destinations GENLOOM_FINETUNE_WEBHOOK_ALLOWED_HOSTS allows besides public addresses."""
+        return WebhookPolicy.parse(split_list(self.webhook_allowed_hosts))
+
+    def grace_seconds(self) -> float:
+        return self.lease_seconds if self.lost_worker_grace is None else self.lost_worker_grace

@@ -19,13 +19,14 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 from google.protobuf.descriptor import EnumDescriptor, FieldDescriptor
 from google.protobuf.message import Message
 
+from genloom.services.finetune import webhooks
 from genloom.services.finetune.settings import FinetuneSettings
 from genloom.services.server.errors import FieldViolation, InvalidArgument
+from genloom.services.server.paths import MAX_PATH_LENGTH
 from genloom.services.tasks.settings import TasksSettings
 from genloom.services.tasks.validation import MAX_INSTRUCTION
 from genloom.services.tasks.validation import Checks as TaskChecks
@@ -244,7 +245,9 @@ class Violations:
     def enum(self, value: int, enum: EnumDescriptor, field: str) -> None:
         self.require(value in enum.values_by_number, field, f"{value} is not a valid {enum.name}")
 
-    def webhook(self, webhook: finetune_pb2.Webhook, field: str) -> None:
+    def webhook(self, webhook: finetune_pb2.Webhook, field: str, policy: webhooks.WebhookPolicy | None = None) -> None:
+        """The URL's form and destination (see webhooks.url_problem: no loopback, private or metadata hosts
+        unless `policy` allows them) and the secret's size."""
         url = webhook.url
         at = f"{field}.url"
         if not url:
@@ -254,16 +257,8 @@ class Violations:
         elif any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in url):
             self.require(False, at, "contains whitespace or control characters")
         else:
-            parts = urlsplit(url)
-            if parts.scheme not in ("http", "https"):
-                self.require(False, at, f"scheme {parts.scheme!r}: must be http or https")
-            elif not parts.hostname:
-                self.require(False, at, "has no host")
-            else:
-                try:
-                    parts.port  # noqa: B018 - parsing the port is the check
-                except ValueError:
-                    self.require(False, at, "has an invalid port")
+            problem = webhooks.url_problem(url, policy or webhooks.WebhookPolicy())
+            self.require(problem is None, at, problem or "")
         size = len(webhook.secret.encode())
         self.require(size <= MAX_SECRET_BYTES, f"{field}.secret", f"{size} bytes; at most {MAX_SECRET_BYTES}")
 
@@ -292,6 +287,10 @@ class Checks(Violations):
         else:
             self.require(":" not in base, f"{field}.base_model", "must not contain ':'")
         self.require(base == base.strip(), f"{field}.base_model", "has leading or trailing whitespace")
+        self.require(
+            len(base) <= MAX_PATH_LENGTH, f"{field}.base_model", f"{len(base)} characters; at most {MAX_PATH_LENGTH}"
+        )
+        self.require("\x00" not in base, f"{field}.base_model", "contains a NUL character")
         self.enum(spec.method, finetune_pb2.FineTuneMethod.DESCRIPTOR, f"{field}.method")
         self.data_source(spec.training_data, f"{field}.training_data", required=True)
         if spec.HasField("validation_data") and spec.validation_data.WhichOneof("source") is not None:
@@ -331,6 +330,9 @@ class Checks(Violations):
             path = source.path
             self.require(bool(path.strip()), f"{field}.path", "is empty")
             self.require("\x00" not in path, f"{field}.path", "contains a NUL character")
+            self.require(
+                len(path) <= MAX_PATH_LENGTH, f"{field}.path", f"{len(path)} characters; at most {MAX_PATH_LENGTH}"
+            )
         else:
             size = len(source.jsonl)
             limit = self.settings.max_inline_bytes
@@ -474,10 +476,13 @@ def effective_hyperparameters(
     return out
 
 
-def check_webhook(webhook: finetune_pb2.Webhook, *, field: str = "webhook") -> list[FieldViolation]:
-    """Violations of a webhook (call only when the request sets one)."""
+def check_webhook(
+    webhook: finetune_pb2.Webhook, *, field: str = "webhook", policy: webhooks.WebhookPolicy | None = None
+) -> list[FieldViolation]:
+    """Violations of a webhook (call only when the request sets one); `policy` is the allow-list of the
+    service's settings (none: public destinations only)."""
     checks = Violations()
-    checks.webhook(webhook, field)
+    checks.webhook(webhook, field, policy)
     return checks.violations
 
 

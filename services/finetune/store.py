@@ -27,7 +27,11 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import redis
+import redis.asyncio
 from google.protobuf.message import Message
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
 
 from genloom.v1 import finetune_pb2
 
@@ -66,6 +70,39 @@ def sweep_key(sweep_id: str) -> str:
     return f"{P}sweep:{sweep_id}"
 
 
+def lease_key(job_id: str, kind: str = "lease") -> str:
+    return f"{P}{kind}:{job_id}"
+
+
+def redis_client(url: str) -> redis.Redis:
+    """A client that survives Redis restarts: a pooled connection that died with the server is replaced and the
+    command retried (with jittered backoff) instead of failing the caller, and idle connections are checked
+    before use."""
+    return redis.Redis.from_url(url, **RESILIENCE)
+
+
+def async_redis_client(url: str, **overrides: Any) -> redis.asyncio.Redis:
+    """The asyncio twin of redis_client (WatchJob's XREAD)."""
+    options = {**RESILIENCE, "retry": AsyncRetry(_backoff(), _RETRIES), **overrides}
+    return redis.asyncio.Redis.from_url(url, **options)
+
+
+_RETRIES = 3
+
+
+def _backoff() -> ExponentialWithJitterBackoff:
+    return ExponentialWithJitterBackoff(base=0.1, cap=2.0)
+
+
+RESILIENCE: dict[str, Any] = {
+    "socket_timeout": 10,
+    "socket_connect_timeout": 5,
+    "health_check_interval": 15,
+    "retry": Retry(_backoff(), _RETRIES),
+    "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
+}
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -88,7 +125,7 @@ class Store:
 
     @classmethod
     def from_url(cls, url: str) -> Store:
-        return cls(redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30))
+        return cls(redis_client(url))
 
     # -- jobs ---------------------------------------------------------------------------------------------------
 
@@ -171,10 +208,12 @@ class Store:
         self,
         job_id: str,
         change: Callable[[finetune_pb2.Job], Iterable[finetune_pb2.JobEvent] | bool | None],
+        watch: Sequence[str] = (),
     ) -> finetune_pb2.Job | None:
         """Apply `change` to the stored job atomically. `change` mutates the job and returns the events to append
         (or None for none); returning False leaves the record untouched. Returns the job after the change (or as
-        stored, when `change` declined); None when there is no such job."""
+        stored, when `change` declined); None when there is no such job. Keys in `watch` that `change` reads
+        are watched too: if one changes meanwhile, `change` runs again on what is there then."""
         key = job_key(job_id)
         result: list[finetune_pb2.Job | None] = [None]
 
@@ -197,7 +236,7 @@ class Store:
                 self._xadd(pipe, job_id, event)
             result[0] = job
 
-        self.r.transaction(apply, key)
+        self.r.transaction(apply, key, *watch)
         return result[0]
 
     def transition(
@@ -211,6 +250,7 @@ class Store:
         mutate: Callable[[finetune_pb2.Job], None] | None = None,
         extra_events: Sequence[finetune_pb2.JobEvent] = (),
         guard: Callable[[finetune_pb2.Job], bool] | None = None,
+        watch: Sequence[str] = (),
     ) -> tuple[finetune_pb2.Job | None, bool]:
         """Move a job to state `to` if it is in one of `allowed_from` (and `guard(job)` holds); (job after,
         whether it moved)."""
@@ -237,7 +277,7 @@ class Store:
             moved[0] = True
             return [*extra_events, event]
 
-        job = self.update_job(job_id, change)
+        job = self.update_job(job_id, change, watch)
         return job, moved[0]
 
     def add_event(self, job_id: str, event: finetune_pb2.JobEvent) -> str:
@@ -295,6 +335,43 @@ class Store:
     def lease_holder(self, kind: str, job_id: str) -> str | None:
         raw = self.r.get(f"{P}{kind}:{job_id}")
         return raw.decode() if raw else None
+
+    def reclaim_lease(
+        self, job_id: str, token: str, seconds: float, still_ours: Callable[[finetune_pb2.Job], bool]
+    ) -> bool:
+        """Take a lapsed job lease back, provided nobody holds it and `still_ours(job)` holds for the record as
+        stored; both are watched, so a reaper that re-queues the job meanwhile wins and this returns False."""
+        lease = lease_key(job_id)
+        taken = [False]
+
+        def apply(pipe: Any) -> None:
+            taken[0] = False
+            holder = pipe.get(lease)
+            if holder is not None:
+                taken[0] = holder.decode() == token
+                return
+            raw = pipe.get(job_key(job_id))
+            if not raw or not still_ours(finetune_pb2.Job.FromString(raw)):
+                return
+            pipe.multi()
+            pipe.set(lease, token, px=int(seconds * 1000))
+            pipe.delete(_leaseless_key(job_id))
+            taken[0] = True
+
+        self.r.transaction(apply, lease, job_key(job_id))
+        return taken[0]
+
+    def leaseless_for(self, job_id: str) -> float:
+        """Seconds since a reaper first saw this running job without a lease (0 on the first sighting)."""
+        now = time.time()
+        key = _leaseless_key(job_id)
+        # Kept well past any grace period, so a forgotten marker cannot make a later lapse look old.
+        self.r.set(key, repr(now), nx=True, ex=3600)
+        raw = self.r.get(key)
+        return max(0.0, now - float(raw)) if raw else 0.0
+
+    def clear_leaseless(self, job_id: str) -> None:
+        self.r.delete(_leaseless_key(job_id))
 
     # -- checkpoints --------------------------------------------------------------------------------------------
 
@@ -376,6 +453,10 @@ class Store:
                 if job is not None and job.state in wanted:
                     found.append(job)
         return found
+
+
+def _leaseless_key(job_id: str) -> str:
+    return f"{P}leaseless:{job_id}"
 
 
 def page_token(last_score: float, digest: str) -> str:

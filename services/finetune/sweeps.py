@@ -230,7 +230,12 @@ class SweepController:
         threading.Thread(
             target=deliver,
             args=(hook[0], hook[1], f"sweep.{name}", body),
-            kwargs={"attempts": s.webhook_attempts, "backoff": s.webhook_backoff, "timeout": s.webhook_timeout},
+            kwargs={
+                "policy": self.manager.webhook_policy,
+                "attempts": s.webhook_attempts,
+                "backoff": s.webhook_backoff,
+                "timeout": s.webhook_timeout,
+            },
             name=f"webhook-{sweep.id}",
         ).start()
 

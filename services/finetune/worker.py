@@ -14,20 +14,24 @@ that later forks; run one worker process per GPU (CUDA_VISIBLE_DEVICES) and seve
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import logging
 import os
 import socket
 import sys
 import threading
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import redis
 from celery import Celery
 
 from genloom.services.finetune import registry
-from genloom.services.finetune.jobs import Heartbeat, JobManager
+from genloom.services.finetune.jobs import Heartbeat, JobManager, describe_error
 from genloom.services.finetune.settings import FinetuneSettings
 from genloom.services.finetune.store import TERMINAL, Store, message_event
 from genloom.services.server.errors import ServiceError
@@ -37,6 +41,7 @@ from genloom.v1 import finetune_pb2
 logger = logging.getLogger(__name__)
 
 S = finetune_pb2
+T = TypeVar("T")
 TRAIN_TASK = "genloom.finetune.train"
 # Tokenizer files copied next to a result so the directory is self-describing.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -68,14 +73,28 @@ def sender(app: Celery, settings: FinetuneSettings) -> Any:
     return send
 
 
-class _Hooks:
-    """What the training loop reports goes to Redis: metrics and checkpoints as events, the cancel flag back."""
+_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 
-    def __init__(self, store: Store, job_id: str, beat: Heartbeat, stopping: Any) -> None:
+
+class _Hooks:
+    """What the training loop reports goes to Redis: metrics and checkpoints as events, the cancel flag back.
+
+    Redis being unreachable (after the client's retries) never stops training: a report is skipped and logged,
+    the cancel flag reads as not set, and the heartbeat takes the lease back when Redis returns.
+    """
+
+    def __init__(self, store: Store, job_id: str, beat: Heartbeat, stopping: Any, artifact_root: Path) -> None:
         self.store, self.job_id, self.beat, self.stopping = store, job_id, beat, stopping
+        self.artifact_root = artifact_root
 
     def cancelled(self) -> bool:
-        return self.beat.lost or self.store.cancel_flag(self.job_id)
+        if self.beat.lost:
+            return True
+        try:
+            return self.store.cancel_flag(self.job_id)
+        except _REDIS_DOWN:
+            logger.warning("job %s: could not read the cancel flag (Redis unreachable)", self.job_id)
+            return False
 
     def preempted(self) -> bool:
         return bool(self.stopping.is_set())
@@ -106,17 +125,34 @@ class _Hooks:
                 job.best_validation_loss = m.validation_loss
             return [event]
 
-        self.store.update_job(self.job_id, update)
+        try:
+            self.store.update_job(self.job_id, update)
+        except _REDIS_DOWN:
+            logger.warning("job %s: metrics of step %d not recorded (Redis unreachable)", self.job_id, m.step)
 
     def checkpoint(self, ckpt: finetune_pb2.Checkpoint, kept: Any) -> None:
-        self.store.record_checkpoint(self.job_id, ckpt, kept)
+        ckpt.path = artifact_relative(ckpt.path, self.artifact_root)
         event = finetune_pb2.JobEvent(
             type=S.JOB_EVENT_TYPE_CHECKPOINT,
             level=S.JOB_EVENT_LEVEL_INFO,
             message=f"saved {ckpt.name} (step {ckpt.step})",
         )
         event.checkpoint.CopyFrom(ckpt)
-        self.store.add_event(self.job_id, event)
+        try:
+            self.store.record_checkpoint(self.job_id, ckpt, kept)
+            self.store.add_event(self.job_id, event)
+        except _REDIS_DOWN:
+            # Unrecorded, it is not a resume point; the next checkpoint will be.
+            logger.warning("job %s: %s not recorded (Redis unreachable)", self.job_id, ckpt.name)
+
+
+def artifact_relative(path: str | Path, root: Path) -> str:
+    """A path in the artifact store as records show it: relative to the store ("jobs/<id>/result"), so clients
+    learn nothing of the server's directories; anything outside the store is not shown at all."""
+    try:
+        return Path(path).resolve().relative_to(Path(root).expanduser().resolve()).as_posix()
+    except ValueError:
+        return ""
 
 
 class Worker:
@@ -155,7 +191,7 @@ class Worker:
         beat = Heartbeat(self.store, "lease", job_id, token, self.settings.lease_seconds).start()
         outcome: finetune_pb2.Job | str | None = None
         try:
-            outcome = self._run(job_id, beat)
+            outcome = self._run(job_id, beat, token)
         finally:
             beat.stop()
             gc.collect()  # the model and optimizer of this job, before the next one loads
@@ -165,11 +201,24 @@ class Worker:
             self.manager.send(job_id)  # only now that the lease is released
             return "handed back (shutting down)"
         if isinstance(outcome, finetune_pb2.Job):
-            self.manager.finished(outcome)
+            self._when_reachable(self.manager.finished, outcome)
             return S.JobState.Name(outcome.state)
         return "stopped"
 
-    def _run(self, job_id: str, beat: Heartbeat) -> finetune_pb2.Job | str | None:
+    def _when_reachable(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`call(...)`, retried while Redis is unreachable (up to GENLOOM_FINETUNE_LEASE_SECONDS x 20): the end of
+        a run is recorded once Redis is back rather than lost with the run. The heartbeat keeps the lease."""
+        deadline = time.monotonic() + self.settings.lease_seconds * 20
+        while True:
+            try:
+                return call(*args, **kwargs)
+            except _REDIS_DOWN:
+                if time.monotonic() > deadline:
+                    raise
+                logger.warning("Redis unreachable while recording the end of a job; retrying", exc_info=True)
+                time.sleep(min(self.settings.lease_seconds / 3, 5.0))
+
+    def _run(self, job_id: str, beat: Heartbeat, token: str) -> finetune_pb2.Job | str | None:
         """Train the job; the job if it ended, _HANDED_BACK if it must go back on the queue, else None."""
         from genloom.services.finetune import training
 
@@ -207,16 +256,24 @@ class Worker:
         )
         if not moved or job is None:
             return None
+        attempt = job.attempts
+
+        def still_ours(j: finetune_pb2.Job) -> bool:
+            return j.state == S.JOB_STATE_RUNNING and j.worker == self.hostname and j.attempts == attempt
+
+        beat.reclaim = lambda: self.store.reclaim_lease(job_id, token, self.settings.lease_seconds, still_ours)
         try:
             base = self.manager.base_model(job.spec.base_model)
             tok = self.manager.tokenizer(base)
         except (ServiceError, OSError, ValueError) as err:
-            message = f"the base model could not be loaded: {err}"
+            logger.warning("job %s: the base model could not be loaded: %r", job_id, err)
+            message = f"the base model could not be loaded: {describe_error(err)}"
             return self.manager.fail(job_id, S.JOB_ERROR_CODE_MODEL_UNAVAILABLE, message, [S.JOB_STATE_RUNNING])
         try:
             found = self.manager.read_data(job, tok)
         except (ServiceError, OSError, ValueError) as err:
-            message = f"the training data could not be read: {err}"
+            logger.warning("job %s: the training data could not be read: %r", job_id, err)
+            message = f"the training data could not be read: {describe_error(err)}"
             return self.manager.fail(job_id, S.JOB_ERROR_CODE_INVALID_DATA, message, [S.JOB_STATE_RUNNING])
         try:
             result_dir = self.manager.job_dir(job_id) / "result"
@@ -229,14 +286,16 @@ class Worker:
                 validation=found.validation,
                 out_dir=out_dir,
                 result_dir=result_dir,
-                hooks=_Hooks(self.store, job_id, beat, self.stopping),
+                hooks=_Hooks(self.store, job_id, beat, self.stopping, self.settings.artifact_root),
                 resume_from=resume[1] if resume else None,
                 save_files=[base.path / f for f in _TOKENIZER_FILES if (base.path / f).is_file()],
             )
         except training.Unsupported as err:
             return self.manager.fail(job_id, S.JOB_ERROR_CODE_UNSUPPORTED, str(err), [S.JOB_STATE_RUNNING])
         except training.ModelUnavailable as err:
-            return self.manager.fail(job_id, S.JOB_ERROR_CODE_MODEL_UNAVAILABLE, str(err), [S.JOB_STATE_RUNNING])
+            logger.warning("job %s: %s", job_id, err)  # names the model's directory: for the log, not the record
+            message = "the base model could not be loaded; see the worker log"
+            return self.manager.fail(job_id, S.JOB_ERROR_CODE_MODEL_UNAVAILABLE, message, [S.JOB_STATE_RUNNING])
         except MemoryError:
             return self.manager.fail(job_id, S.JOB_ERROR_CODE_OUT_OF_MEMORY, _OOM, [S.JOB_STATE_RUNNING])
         except Exception as err:
@@ -254,13 +313,15 @@ class Worker:
         if beat.lost:  # the job was re-queued while this worker stalled: its new owner reports it
             return None
         kept = sorted(p.name for p in out_dir.glob("checkpoint-*") if p.is_dir())
-        self.store.record_checkpoint(job_id, None, kept)  # Trainer may delete checkpoints as the run ends
+        # Trainer may delete checkpoints as the run ends
+        self._when_reachable(self.store.record_checkpoint, job_id, None, kept)
+        transition = functools.partial(self._when_reachable, self.store.transition)
 
         def hand_back(j: finetune_pb2.Job) -> None:
             j.attempts -= 1  # a shutdown is not a lost worker: it does not count against max_attempts
 
         if run.preempted:
-            _, moved = self.store.transition(
+            _, moved = transition(
                 job_id,
                 S.JOB_STATE_QUEUED,
                 allowed_from=[S.JOB_STATE_RUNNING],
@@ -270,7 +331,7 @@ class Worker:
             )
             return _HANDED_BACK if moved else None
         if run.cancelled:
-            done, moved = self.store.transition(
+            done, moved = transition(
                 job_id,
                 S.JOB_STATE_CANCELLED,
                 allowed_from=[S.JOB_STATE_RUNNING],
@@ -280,14 +341,15 @@ class Worker:
         method = "full" if job.spec.method == S.FINE_TUNE_METHOD_FULL else "lora"
         name = registry.model_name(job.spec.base_model, job.spec.suffix, job_id)
         # Registered before the job says it succeeded, so the name is servable the moment a client sees that.
-        registry.register(
+        self._when_reachable(
+            registry.register,
             self.store.r,
             registry.FineTunedModel(name, job.spec.base_model, method, str(run.result_path), job_id),
         )
 
         def succeed(j: finetune_pb2.Job) -> None:
             j.result_model = name
-            j.result_path = str(run.result_path)
+            j.result_path = artifact_relative(run.result_path or "", self.settings.artifact_root)
             j.trained_tokens = run.trained_tokens
             merged = finetune_pb2.JobMetrics()
             merged.CopyFrom(j.latest_metrics)
@@ -297,7 +359,7 @@ class Worker:
             if best is not None and (not j.HasField("best_validation_loss") or best < j.best_validation_loss):
                 j.best_validation_loss = best  # (a resumed run only saw the evaluations since it resumed)
 
-        done, moved = self.store.transition(
+        done, moved = transition(
             job_id,
             S.JOB_STATE_SUCCEEDED,
             allowed_from=[S.JOB_STATE_RUNNING],

@@ -30,6 +30,17 @@ class EngineDeadError(EngineError):
     """The engine can no longer serve anything (fatal): health goes NOT_SERVING, requests get UNAVAILABLE."""
 
 
+class RequestFailedError(EngineError):
+    """One request failed in the engine for a reason of the engine's own (e.g. the model produced non-finite
+    logits for it), not the caller's: it ends with INTERNAL naming its request id, while the engine and the other
+    requests go on."""
+
+
+class EngineOverloadedError(EngineError):
+    """The engine could not fit a request right now (e.g. device memory ran out during its prefill): the
+    request failed, the engine serves on, and the same request may succeed later (RESOURCE_EXHAUSTED)."""
+
+
 class AdapterError(EngineError):
     """An adapter can't be loaded (bad directory, wrong base model, rank over the limit, unknown name)."""
 

@@ -14,6 +14,9 @@ of the main engine's kind and settings, with the base model's context window. At
 engines run at once; to start another, the least recently used one no request is using is shut down, the same
 pinning rule as for adapters. The extra engines are not part of health: one that dies is dropped and started again
 by the next request that names its model, while the server keeps serving its base model.
+
+The main engine's lifecycle (start, health checks, restart after a death, crash-loop give-up) is the serving pool's
+(pool.py); requests take the engine from it, and adapters are loaded again into a restarted engine.
 """
 
 from __future__ import annotations
@@ -36,18 +39,23 @@ from typing import Any
 import grpc
 
 from genloom.services.finetune.registry import FineTunedModel, FineTunedModelResolver, is_fine_tuned
-from genloom.services.inference.adapters import AdapterSpec, inspect_adapter
+from genloom.services.inference.adapters import AdapterSpec, inspect_adapter, resolve_adapter_path
 from genloom.services.inference.engine import (
     AdapterError,
     Engine,
     EngineDeadError,
     EngineError,
+    EngineInfo,
     EngineOutput,
+    EngineOverloadedError,
     EngineRequest,
     FinishReason,
+    RequestFailedError,
     SamplingOptions,
     ScoreQuery,
 )
+from genloom.services.inference.pool import RETRY_AFTER_DEATH_S, ServingPool
+from genloom.services.inference.sampling import SamplingLimits, sampling_options
 from genloom.services.inference.settings import InferenceSettings
 from genloom.services.inference.text import TextAssembler
 from genloom.services.models.registry import BUILTIN_MODELS, ModelRegistry, ModelSpec
@@ -59,8 +67,11 @@ from genloom.services.server.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    ServiceError,
     Unavailable,
+    quote,
 )
+from genloom.services.server.interceptors import request_id_var
 from genloom.services.server.settings import ModelSettings
 from genloom.services.tokenizer.store import LoadedTokenizer, load_tokenizer
 from genloom.v1 import common_pb2, inference_pb2, inference_pb2_grpc
@@ -68,9 +79,8 @@ from genloom.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 logger = logging.getLogger(__name__)
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-MAX_STOP_TOKEN_IDS = 64
-MAX_STOP_LENGTH = 256
-HEALTH_INTERVAL_S = 5.0
+# When to retry a request the engine had no memory for: soon (others finish and free theirs).
+OVERLOADED_RETRY_AFTER_S = 1.0
 FINISH_TO_PB = {
     FinishReason.LENGTH: inference_pb2.FINISH_REASON_LENGTH,
     FinishReason.EOS: inference_pb2.FINISH_REASON_EOS,
@@ -188,7 +198,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self._registry = ModelRegistry(models)
         self._engine_factory = engine_factory
         self._given_engine = engine
-        self.engine: Engine | None = None
+        self._pool: ServingPool | None = None  # the main engine's lifecycle (restarts after a death): pool.py
         self.tokenizer: LoadedTokenizer | None = None
         self.model_name = models.model
         self._model_dir: Path | None = None
@@ -201,8 +211,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self._full_lock = asyncio.Lock()  # one engine start at a time: concurrent first requests start it once
         self._in_flight: dict[str, Engine] = {}  # request id -> the engine running it (for Abort)
         self._report_health: Callable[[bool], Awaitable[None]] | None = None
-        self._monitor: asyncio.Task[None] | None = None
-        self._dead = False
 
     # -- Service protocol ---------------------------------------------------------------------------------------
 
@@ -212,79 +220,90 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def bind_health(self, report: Callable[[bool], Awaitable[None]]) -> None:
         self._report_health = report
 
+    @property
+    def engine(self) -> Engine | None:
+        """The main engine (while it restarts: the dead one, until its replacement is ready)."""
+        return self._pool.engine if self._pool is not None else None
+
     async def start(self) -> None:
         spec = await asyncio.to_thread(self._registry.resolve, self.models.model)
         self.model_name = spec.name
         self._model_dir = spec.path
         self.tokenizer = await asyncio.to_thread(load_tokenizer, spec, self.models.max_model_len)
         self._hidden_size = _hidden_size(spec.path)
-        engine = self._given_engine
-        if engine is None:
-            engine = self._engine_factory(spec, self.settings, self.tokenizer.context_window)
-            await engine.start()
+        window = self.tokenizer.context_window
+
+        async def report(serving: bool) -> None:
+            if self._report_health is not None:
+                await self._report_health(serving)
+
+        self._pool = ServingPool(
+            self.settings,
+            lambda: self._engine_factory(spec, self.settings, window),
+            given=self._given_engine,
+            restore=self._restore_adapters,
+            watch=self._check_full_models,
+            report_health=report,
+        )
+        engine = await self._pool.start()
         # The engine may allow less than the model config says (a remote server's max_model_len).
         engine_window = engine.info().context_window
         if engine_window and engine_window < self.tokenizer.context_window:
             self.tokenizer.context_window = engine_window
-        self.engine = engine
-        self._monitor = asyncio.create_task(self._watch_engine(), name="genloom-engine-health")
         logger.info("inference engine %s ready for %s", engine.info().engine, spec.name)
 
     async def close(self) -> None:
-        if self._monitor is not None:
-            self._monitor.cancel()
         for full in list(self._full_models.values()):
             await self._stop_full_model(full)
-        if self.engine is not None and self._given_engine is None:
-            await self.engine.shutdown()
-        elif self.engine is not None:
+        engine = self.engine
+        if self._pool is not None:
+            await self._pool.close()  # shuts the engine down unless it was given
+        if engine is not None and self._given_engine is not None:
             # A shared engine outlives this servicer: take out the fine-tuned adapters it loaded into it.
             for adapter in [a for a in self._adapters.values() if a.fine_tuned]:
                 with contextlib.suppress(EngineError):
-                    await self.engine.remove_adapter(adapter.engine_name)
+                    await engine.remove_adapter(adapter.engine_name)
                 self._adapters.pop(adapter.name, None)
         await self._fine_tuned.close()
 
-    async def _watch_engine(self) -> None:
-        """Poll the engine's health: a dead engine flips health to NOT_SERVING; one that recovers (a remote
-        server that came back) flips it back."""
-        assert self.engine is not None
-        while True:
-            await asyncio.sleep(HEALTH_INTERVAL_S)
-            for full in list(self._full_models.values()):
-                try:
-                    await full.engine.check_health()
-                except EngineDeadError:
-                    await self._engine_failed(full.engine)
+    async def _check_full_models(self) -> None:
+        """Run by the pool's health checks: drop full-model engines that died (see _engine_failed)."""
+        for full in list(self._full_models.values()):
             try:
-                await self.engine.check_health()
+                await full.engine.check_health()
             except EngineDeadError:
-                await self._engine_died()
-                continue
-            if self._dead:
-                self._dead = False
-                logger.info("the inference engine is healthy again")
-                if self._report_health is not None:
-                    await self._report_health(True)
+                await self._engine_failed(full.engine)
 
-    async def _engine_failed(self, engine: Engine) -> None:
-        """`engine` raised EngineDeadError: the main engine flips health; a full model's engine is dropped (and
-        shut down), so the next request naming its model starts a fresh one."""
-        if engine is self.engine:
-            await self._engine_died()
+    async def _restore_adapters(self, engine: Engine) -> None:
+        """Load every adapter the dead engine had into its replacement (run by the pool before the new engine is
+        handed out). One that no longer loads (its directory was removed) is dropped from the table, with the
+        reason logged: requests naming it get NOT_FOUND instead of failing the restart."""
+        async with self._adapter_lock:
+            for adapter in list(self._adapters.values()):
+                try:
+                    await engine.add_adapter(adapter.engine_name, str(adapter.spec.path))
+                except AdapterError as err:
+                    logger.error("adapter %s did not load into the restarted engine; unloaded: %s", adapter.name, err)
+                    del self._adapters[adapter.name]
+            if self._adapters:
+                logger.info("%d adapters loaded again into the restarted engine", len(self._adapters))
+
+    async def _engine_failed(self, engine: Engine, reason: str = "EngineDeadError in a call") -> None:
+        """`engine` raised EngineDeadError: the main engine goes to the pool (which restarts it, or flips health);
+        a full model's engine is dropped (and shut down), so the next request naming its model starts a fresh
+        one."""
+        if self._pool is not None and engine is self._pool.engine:
+            await self._pool.died(engine, reason)
             return
         for full in list(self._full_models.values()):
             if full.engine is engine:
                 logger.error("the engine serving %s died; it is started again on its next request", full.model.name)
                 await self._stop_full_model(full)
 
-    async def _engine_died(self) -> None:
-        if self._dead:
-            return
-        self._dead = True
-        logger.error("the inference engine is not healthy; answering UNAVAILABLE until it is")
-        if self._report_health is not None:
-            await self._report_health(False)
+    @staticmethod
+    def _time_remaining(context: grpc.aio.ServicerContext) -> float | None:
+        remaining = context.time_remaining()
+        return remaining if remaining is not None and remaining < 1e9 else None
 
     # -- RPCs -----------------------------------------------------------------------------------------------------
 
@@ -292,10 +311,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.GenerateResponse:
         received = time.monotonic()
-        async with self._resolved(request.model) as model:
+        async with self._resolved(request.model, context) as model:
             generation = self._prepare(request, model, received)
             response = inference_pb2.GenerateResponse(request_id=generation.request_id, model=generation.model)
-            async for event in self._run(generation):
+            async for event in self._run(generation, context):
                 if isinstance(event, inference_pb2.GenerateDelta):
                     response.token_ids.extend(event.token_ids)
                     response.logprobs.extend(event.logprobs)
@@ -314,9 +333,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self, request: inference_pb2.GenerateStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
         received = time.monotonic()
-        async with self._resolved(request.model) as model:
+        async with self._resolved(request.model, context) as model:
             generation = self._prepare(request, model, received)
-            async for event in self._run(generation):
+            async for event in self._run(generation, context):
                 if isinstance(event, inference_pb2.GenerateDelta):
                     yield inference_pb2.GenerateStreamResponse(request_id=generation.request_id, delta=event)
                 else:
@@ -325,12 +344,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def Score(
         self, request: inference_pb2.ScoreRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.ScoreResponse:
-        async with self._resolved(request.model) as model:
-            return await self._score(request, model)
+        async with self._resolved(request.model, context) as model:
+            return await self._score(request, model, context)
 
-    async def _score(self, request: inference_pb2.ScoreRequest, model: ResolvedModel) -> inference_pb2.ScoreResponse:
+    async def _score(
+        self, request: inference_pb2.ScoreRequest, model: ResolvedModel, context: grpc.aio.ServicerContext | None = None
+    ) -> inference_pb2.ScoreResponse:
         engine, tok = model.engine, model.tokenizer
         s = self.settings
+        _check_truncation(request.truncation)
         if not request.items:
             raise InvalidArgument.field("items", "must contain at least one item")
         if len(request.items) > s.score_max_items:
@@ -362,15 +384,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             prompts.append(prompt)
             candidate_ids.append(encoded)
             queries.append(ScoreQuery(prompt.token_ids, encoded, adapter=model.engine_adapter))
-        try:
-            scores = await engine.score(queries)
-        except EngineDeadError:
-            await self._engine_failed(engine)
-            raise Unavailable("the inference engine is not available; retry later") from None
-        except AdapterError as err:
-            raise NotFound(str(err)) from None
-        except EngineError as err:
-            raise InvalidArgument(str(err)) from None
+        scores = await self._engine_score(engine, queries, model, context)
         response = inference_pb2.ScoreResponse(model=model.echo)
         prefilled = 0
         for prompt, ids_per_candidate, item_scores in zip(prompts, candidate_ids, scores, strict=True):
@@ -386,12 +400,50 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         response.usage.CopyFrom(common_pb2.Usage(prompt_tokens=prefilled, total_tokens=prefilled))
         return response
 
+    async def _engine_score(
+        self,
+        engine: Engine,
+        queries: list[ScoreQuery],
+        model: ResolvedModel,
+        context: grpc.aio.ServicerContext | None,
+    ) -> list[list[list[float]]]:
+        """Score on `engine`; when the main engine dies under the call (nothing was returned yet), once more on its
+        replacement once the pool has restarted it."""
+        for attempt in range(2):
+            try:
+                return await engine.score(queries)
+            except EngineDeadError as err:
+                await self._engine_failed(engine, str(err))
+                if attempt or model.full is not None or not self._replacing(engine):
+                    raise Unavailable(
+                        "the inference engine died while scoring; retry shortly", retry_after=RETRY_AFTER_DEATH_S
+                    ) from None
+                engine = await self._acquire(context)
+            except AdapterError as err:
+                raise NotFound(str(err)) from None
+            except RequestFailedError as err:
+                request_id = request_id_var.get()
+                logger.error("Score %s failed in the engine: %s", request_id, err)
+                raise ServiceError(
+                    f"internal error in request {request_id}; the server log has the details (retrying may work)"
+                ) from None
+            except EngineOverloadedError as err:
+                raise ResourceExhausted(str(err), retry_after=OVERLOADED_RETRY_AFTER_S) from None
+            except EngineError as err:
+                raise InvalidArgument(str(err)) from None
+        raise AssertionError("unreachable")
+
     async def Abort(
         self, request: inference_pb2.AbortRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.AbortResponse:
         self._ready()
         if not request.request_id:
             raise InvalidArgument.field("request_id", "is required")
+        if not REQUEST_ID.match(request.request_id):
+            # No generation can have such an id (see _prepare); refusing it also keeps a huge id out of the logs.
+            raise InvalidArgument.field(
+                "request_id", f"{quote(request.request_id)} is not 1 to 128 characters from [A-Za-z0-9._:-]"
+            )
         engine = self._in_flight.get(request.request_id)  # the main engine, or a full fine-tuned model's
         if engine is None:
             return inference_pb2.AbortResponse(aborted=False)
@@ -410,7 +462,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 kind=inference_pb2.MODEL_KIND_BASE,
                 context_window=tok.context_window,
                 engine=engine_kind,
-                ready=not self._dead,
+                ready=self._serving,
             )
         ]
         # Fine-tuned models this server has loaded (others are registered in Redis and loaded on first use).
@@ -421,7 +473,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 base_model=self.model_name,
                 context_window=tok.context_window,
                 engine=engine_kind,
-                ready=not self._dead,
+                ready=self._serving,
             )
             for adapter in self._adapters.values()
             if adapter.fine_tuned
@@ -446,7 +498,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         engine, tok = self._ready()
         fine_tuned: FineTunedModel | None = None
         kind = inference_pb2.MODEL_KIND_BASE
-        ready = not self._dead
+        ready = self._serving
         if is_fine_tuned(request.model):
             fine_tuned = await self._fine_tuned.resolve(request.model, "model")
             await self._check_fine_tuned(fine_tuned, "model", engine)
@@ -473,7 +525,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             is_default=fine_tuned is None,
             kind=kind,
             base_model=self.model_name if fine_tuned else "",
-            source=fine_tuned.path if fine_tuned else info.source,
+            source=_shown_source(info, fine_tuned),
             engine=ENGINE_TO_PB.get(info.engine, inference_pb2.ENGINE_UNSPECIFIED),
             engine_version=info.engine_version,
             dtype=info.dtype,
@@ -498,7 +550,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def LoadAdapter(
         self, request: inference_pb2.LoadAdapterRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.LoadAdapterResponse:
-        engine, _ = self._ready()
+        engine = await self._acquire(context)
         name = request.name
         if not REQUEST_ID.match(name) or ":" in name:
             raise InvalidArgument.field(
@@ -510,16 +562,21 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             self._check_model(request.base_model, "base_model")
         if not engine.info().supports_lora:
             raise InvalidArgument("this server's engine does not serve LoRA adapters (GENLOOM_ENABLE_LORA)")
+        # Inside GENLOOM_ADAPTER_ROOTS, containment before existence; messages name the client's string only.
+        directory = await asyncio.to_thread(resolve_adapter_path, request.path, self.settings.adapter_roots)
+        label = f"adapter path {quote(request.path)}"
         async with self._adapter_lock:
             if name in self._adapters and not request.replace:
-                raise AlreadyExists(f"adapter {name!r} is already loaded; set replace to swap it")
+                raise AlreadyExists(f"adapter {quote(name)} is already loaded; set replace to swap it")
             try:
                 spec = await asyncio.to_thread(
                     inspect_adapter,
-                    request.path,
+                    directory,
                     hidden_size=self._hidden_size,
                     max_rank=engine.info().max_lora_rank,
+                    label=label,
                 )
+                spec = dataclasses.replace(spec, shown_path=request.path)
                 if name in self._adapters:
                     await engine.remove_adapter(name)
                     del self._adapters[name]
@@ -527,10 +584,17 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     await self._make_room(engine)
                 await engine.add_adapter(name, str(spec.path))
             except AdapterError as err:
-                raise InvalidArgument(str(err), [FieldViolation("path", str(err))]) from None
-            except EngineDeadError:
-                await self._engine_died()
-                raise Unavailable("the inference engine is not available") from None
+                # Engines name the directory in their messages: the client sees its own spelling instead.
+                if str(directory) in str(err):
+                    logger.warning("adapter %s from %s refused: %s", name, directory, err)
+                message = str(err).replace(str(directory), label)
+                raise InvalidArgument(message, [FieldViolation("path", message)]) from None
+            except EngineDeadError as err:
+                await self._engine_failed(engine, str(err))
+                raise Unavailable(
+                    "the inference engine died while loading the adapter; retry shortly",
+                    retry_after=RETRY_AFTER_DEATH_S,
+                ) from None
             loaded = LoadedAdapter(name, spec, datetime.now(timezone.utc))
             self._adapters[name] = loaded
         logger.info("adapter %s loaded from %s (rank %d)", name, spec.path, spec.rank)
@@ -539,12 +603,19 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def UnloadAdapter(
         self, request: inference_pb2.UnloadAdapterRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.UnloadAdapterResponse:
-        engine, _ = self._ready()
+        engine = await self._acquire(context)
         async with self._adapter_lock:
             loaded = self._adapters.get(request.name)
             if loaded is None:
-                raise NotFound(f"no adapter named {request.name!r} is loaded")
-            await engine.remove_adapter(loaded.engine_name)
+                raise NotFound(f"no adapter named {quote(request.name)} is loaded")
+            try:
+                await engine.remove_adapter(loaded.engine_name)
+            except EngineDeadError as err:
+                await self._engine_failed(engine, str(err))
+                raise Unavailable(
+                    "the inference engine died while unloading the adapter; retry shortly",
+                    retry_after=RETRY_AFTER_DEATH_S,
+                ) from None
             del self._adapters[request.name]
         pb = self._adapter_pb(loaded)
         pb.loaded = False
@@ -567,7 +638,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         if not REQUEST_ID.match(request_id):
             raise InvalidArgument.field("request_id", "1 to 128 characters from [A-Za-z0-9._:-]")
         if request_id in self._in_flight:
-            raise AlreadyExists(f"request {request_id!r} is already in flight")
+            raise AlreadyExists(f"request {quote(request_id)} is already in flight")
+        _check_truncation(request.truncation)
         sampling, stop, skip_special = self._sampling(request.sampling, tok)
         add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
         prompt = self._prompt(
@@ -586,7 +658,32 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         engine_request = EngineRequest(request_id, prompt.token_ids, sampling, adapter=model.engine_adapter)
         return Generation(request_id, engine_request, assembler, prompt, model.echo, received, engine, tok)
 
-    async def _run(self, g: Generation) -> AsyncIterator[inference_pb2.GenerateDelta | inference_pb2.GenerateFinish]:
+    async def _outputs(self, g: Generation, context: grpc.aio.ServicerContext | None) -> AsyncIterator[EngineOutput]:
+        """The engine's outputs for `g`. When the main engine dies before the request produced anything (it was
+        still queued), the request runs again, once, on the engine the pool restarts; a request that was already
+        generating ends with EngineDeadError (UNAVAILABLE + RetryInfo for its caller)."""
+        engine = g.engine
+        for attempt in range(2):
+            self._in_flight[g.request_id] = engine
+            stream = engine.generate(g.engine_request)
+            produced = False
+            try:
+                async for output in stream:
+                    produced = True
+                    yield output
+                return
+            except EngineDeadError as err:
+                await self._engine_failed(engine, str(err))
+                if produced or attempt or not self._replacing(engine):
+                    raise
+                logger.info("request %s waits for the restarted engine", g.request_id)
+                engine = await self._acquire(context)
+            finally:
+                await stream.aclose()
+
+    async def _run(
+        self, g: Generation, context: grpc.aio.ServicerContext | None = None
+    ) -> AsyncIterator[inference_pb2.GenerateDelta | inference_pb2.GenerateFinish]:
         """Drive one generation: deltas as text becomes final, then the finish. Cancelling the caller (client
         cancel, deadline) closes the engine stream, which aborts the request in the engine."""
         engine, tok = g.engine, g.tokenizer
@@ -594,7 +691,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         first_token_at: float | None = None
         offset = 0
         last: EngineOutput | None = None
-        stream = engine.generate(g.engine_request)
+        stream = self._outputs(g, context)
         try:
             async for output in stream:
                 if first_token_at is None and output.token_ids:
@@ -609,11 +706,20 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 last = output
                 if output.finish_reason is not None or g.assembler.stop_sequence is not None:
                     break
-        except EngineDeadError:
-            await self._engine_failed(engine)
-            raise Unavailable("the inference engine died while generating; retry later") from None
+        except EngineDeadError as err:
+            await self._engine_failed(engine, str(err))
+            raise Unavailable(
+                "the inference engine died while generating; retry shortly", retry_after=RETRY_AFTER_DEATH_S
+            ) from None
         except AdapterError as err:
             raise NotFound(str(err)) from None
+        except RequestFailedError as err:
+            logger.error("request %s failed in the engine: %s", g.request_id, err)
+            raise ServiceError(  # the base class is INTERNAL: not the caller's fault, and the engine serves on
+                f"internal error in request {g.request_id}; the server log has the details (retrying may work)"
+            ) from None
+        except EngineOverloadedError as err:
+            raise ResourceExhausted(str(err), retry_after=OVERLOADED_RETRY_AFTER_S) from None
         except EngineError as err:
             raise InvalidArgument(str(err)) from None
         finally:
@@ -650,27 +756,46 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     # -- validation helpers ---------------------------------------------------------------------------------------
 
     def _ready(self) -> tuple[Engine, LoadedTokenizer]:
-        if self.engine is None or self.tokenizer is None:
-            raise Unavailable("the inference engine is still starting; retry shortly")
-        if self._dead:
-            raise Unavailable("the inference engine is not available; retry later (health says NOT_SERVING)")
-        return self.engine, self.tokenizer
+        """The main engine and tokenizer, to describe (whatever the engine's health: see `_serving`); calls that
+        run something on the engine take it from `_acquire`."""
+        if self._pool is None or self.tokenizer is None:
+            raise Unavailable("the inference engine is still starting; retry shortly", retry_after=1.0)
+        return self._pool.current(), self.tokenizer
+
+    async def _acquire(self, context: grpc.aio.ServicerContext | None) -> Engine:
+        """The main engine to run a call on; while the pool restarts it, waits (bounded by the call's deadline
+        and GENLOOM_ENGINE_RESTART_WAIT), else UNAVAILABLE with RetryInfo."""
+        if self._pool is None or self.tokenizer is None:
+            raise Unavailable("the inference engine is still starting; retry shortly", retry_after=1.0)
+        return await self._pool.acquire(self._time_remaining(context) if context is not None else None)
+
+    @property
+    def _serving(self) -> bool:
+        return self._pool is not None and self._pool.serving
+
+    def _replacing(self, engine: Engine) -> bool:
+        return self._pool is not None and self._pool.will_replace(engine)
 
     def _check_model(self, name: str, field: str) -> None:
         if name and name != self.model_name:
-            raise NotFound(f"{field}: model {name!r} is not served here; this server serves {self.model_name!r}")
+            raise NotFound(
+                f"{field}: model {quote(name)} is not served here; this server serves {quote(self.model_name)}"
+            )
 
     @asynccontextmanager
-    async def _resolved(self, ref: common_pb2.ModelRef) -> AsyncIterator[ResolvedModel]:
+    async def _resolved(
+        self, ref: common_pb2.ModelRef, context: grpc.aio.ServicerContext | None = None
+    ) -> AsyncIterator[ResolvedModel]:
         """The request's model, its adapter or full-model engine pinned (not evictable) until the block ends. A
         fine-tuned name is looked up and its adapter loaded, or its engine started, on first use."""
-        engine, tok = self._ready()
+        engine = await self._acquire(context)
+        tok = self._ready()[1]
         if is_fine_tuned(ref.model):
             if ref.adapter:
                 raise InvalidArgument.field(
                     "model.adapter",
-                    f"must be empty when model.model names a fine-tuned model ({ref.model!r} already is a base model "
-                    "plus its own adapter, or a whole model of its own)",
+                    f"must be empty when model.model names a fine-tuned model ({quote(ref.model)} already is a base "
+                    "model plus its own adapter, or a whole model of its own)",
                 )
             echo = common_pb2.ModelRef(model=ref.model)
             full = await self._full_model(ref.model, "model.model", engine)
@@ -692,7 +817,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             self._check_model(ref.model, "model.model")
             adapter = self._adapters.get(ref.adapter) if ref.adapter else None
             if ref.adapter and adapter is None:
-                raise NotFound(f"model.adapter: no adapter named {ref.adapter!r} is loaded (see ListAdapters)")
+                raise NotFound(f"model.adapter: no adapter named {quote(ref.adapter)} is loaded (see ListAdapters)")
             if adapter is not None:
                 self._pin(adapter)
             resolved = ResolvedModel(
@@ -721,7 +846,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         if model.method == "full":
             raise InvalidArgument.field(
                 field,
-                f"{name!r} is a fully fine-tuned model, not an adapter: name it as model.model, without an adapter",
+                f"{quote(name)} is a fully fine-tuned model, not an adapter: name it as model.model, without an "
+                "adapter",
             )
         await self._check_fine_tuned(model, field, engine)
         async with self._adapter_lock:  # concurrent first requests load it once
@@ -744,12 +870,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 raise FailedPrecondition(
                     f"{field}: {model.name!r} is a fully fine-tuned model and this server serves none "
                     "(GENLOOM_MAX_FULL_MODELS=0); raise GENLOOM_MAX_FULL_MODELS, or serve its directory as a model of "
-                    f'its own (GENLOOM_MODELS="name={model.path}", or GENLOOM_MODEL)'
+                    f'its own (its result directory in GENLOOM_MODELS, or GENLOOM_MODEL)'
                 )
             if engine.info().engine == "openai":
                 raise FailedPrecondition(
                     f"{field}: {model.name!r} is a fully fine-tuned model, and a remote engine (GENLOOM_ENGINE=openai) "
-                    f"can't load a local model directory; serve {model.path} with the remote server"
+                    f"can't load a local model directory; serve its result directory with the remote server"
                 )
             return
         if model.method != "lora":
@@ -764,6 +890,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         """The engine serving the fully fine-tuned model `name`, started if it is not yet, and pinned; None when
         `name` is a LoRA fine-tune."""
         full = self._full_models.get(name)
+        if full is not None:
+            # One that died since the last health check is dropped here and started afresh, not handed out.
+            try:
+                await full.engine.check_health()
+            except EngineDeadError as err:
+                await self._engine_failed(full.engine, str(err))
+            full = self._full_models.get(name)  # again: the check awaited
         if full is None:
             if name in self._adapters:
                 return None
@@ -787,15 +920,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         assert self.engine is not None and self.tokenizer is not None
         path = Path(model.path)
         if not await asyncio.to_thread((path / "config.json").is_file):
+            logger.warning("fine-tuned model %s: %s has no config.json", model.name, path)
             raise FailedPrecondition(
-                f"fine-tuned model {model.name!r} can't be served: {path} is not a model directory (no config.json)"
+                f"fine-tuned model {quote(model.name)} can't be served: its directory is not a model (no config.json)"
             )
         spec = ModelSpec(model.name, path)
         try:
             tokenizer = await asyncio.to_thread(load_tokenizer, spec, self.models.max_model_len)
-        except Exception as err:
+        except Exception:
+            # The loader's text names server paths: the log has it, the client a plain reason.
+            logger.exception("the tokenizer of fine-tuned model %s does not load", model.name)
             raise FailedPrecondition(
-                f"fine-tuned model {model.name!r} can't be served: its tokenizer does not load: {err}"
+                f"fine-tuned model {quote(model.name)} can't be served: its tokenizer does not load"
             ) from None
         if tokenizer.vocab_size != self.tokenizer.vocab_size:
             logger.warning(
@@ -813,11 +949,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         engine = self._engine_factory(spec, settings, window)
         try:
             await engine.start()
-        except Exception as err:
+        except Exception:
             logger.exception("the engine for fine-tuned model %s did not start", model.name)
             with contextlib.suppress(Exception):
                 await engine.shutdown()
-            raise FailedPrecondition(f"fine-tuned model {model.name!r} can't be served: {err}") from None
+            raise FailedPrecondition(
+                f"fine-tuned model {quote(model.name)} can't be served: its engine did not start (see the server log)"
+            ) from None
         engine_window = engine.info().context_window
         tokenizer.context_window = min(window, tokenizer.context_window, engine_window or window)
         full = FullModelEngine(model, engine, tokenizer, datetime.now(timezone.utc))
@@ -861,7 +999,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         if known is None:
             try:
                 spec = await asyncio.to_thread(self._registry.resolve, base_model)
-            except NotFound:
+            except ServiceError:  # unknown here, or a model path this server may not read
                 known = False
             else:
                 known = self._model_dir is not None and spec.path.resolve() == self._model_dir.resolve()
@@ -883,11 +1021,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         )
         try:
             await engine.add_adapter(loaded.engine_name, str(spec.path))
-        except EngineDeadError:
-            await self._engine_died()
-            raise Unavailable("the inference engine is not available") from None
+        except EngineDeadError as err:
+            await self._engine_failed(engine, str(err))
+            raise Unavailable("the inference engine is not available", retry_after=RETRY_AFTER_DEATH_S) from None
         except AdapterError as err:
-            raise FailedPrecondition(f"fine-tuned model {model.name!r} can't be loaded: {err}") from None
+            # The engine's text may name the adapter's directory (a server path): the log keeps it.
+            logger.warning("fine-tuned model %s did not load into the engine: %s", model.name, err)
+            raise FailedPrecondition(
+                f"fine-tuned model {quote(model.name)} can't be loaded into the engine (see the server log)"
+            ) from None
         self._adapters[model.name] = loaded
         logger.info("fine-tuned model %s loaded from %s (rank %d)", model.name, spec.path, spec.rank)
         return loaded
@@ -916,9 +1058,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             del self._adapters[victim.name]
             try:
                 await engine.remove_adapter(victim.engine_name)
-            except EngineDeadError:
-                await self._engine_died()
-                raise Unavailable("the inference engine is not available") from None
+            except EngineDeadError as err:
+                await self._engine_failed(engine, str(err))
+                raise Unavailable("the inference engine is not available", retry_after=RETRY_AFTER_DEATH_S) from None
             except AdapterError:
                 pass  # already gone from the engine: the slot is free either way
             logger.info("fine-tuned model %s evicted from the engine (least recently used)", victim.name)
@@ -927,59 +1069,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self, params: inference_pb2.SamplingParams, tok: LoadedTokenizer
     ) -> tuple[SamplingOptions, list[str], bool]:
         s = self.settings
-        bad: list[FieldViolation] = []
-
-        def check(ok: bool, field: str, description: str) -> None:
-            if not ok:
-                bad.append(FieldViolation(f"sampling.{field}", description))
-
-        max_new = params.max_new_tokens or s.default_max_new_tokens
-        temperature = params.temperature if params.HasField("temperature") else 1.0
-        check(0.0 <= temperature <= 2.0, "temperature", f"{temperature:g} is outside 0.0 to 2.0")
-        check(params.top_k <= tok.vocab_size, "top_k", f"{params.top_k} is over the vocabulary size {tok.vocab_size}")
-        top_p = params.top_p or 1.0
-        check(0.0 < top_p <= 1.0, "top_p", f"{top_p:g} is outside (0, 1]")
-        penalty = params.repetition_penalty or 1.0
-        check(0.0 < penalty <= 2.0, "repetition_penalty", f"{penalty:g} is outside (0, 2]")
-        check(
-            len(params.stop) <= s.max_stop_sequences,
-            "stop",
-            f"{len(params.stop)} stop sequences; the limit is {s.max_stop_sequences}",
+        limits = SamplingLimits(
+            default_max_new_tokens=s.default_max_new_tokens,
+            vocab_size=tok.vocab_size,
+            max_logprobs=s.max_logprobs,
+            max_stop_sequences=s.max_stop_sequences,
         )
-        for i, sequence in enumerate(params.stop):
-            check(0 < len(sequence) <= MAX_STOP_LENGTH, f"stop[{i}]", f"must be 1 to {MAX_STOP_LENGTH} characters")
-        check(
-            len(params.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
-            "stop_token_ids",
-            f"{len(params.stop_token_ids)} ids; the limit is {MAX_STOP_TOKEN_IDS}",
-        )
-        for i, token in enumerate(params.stop_token_ids):
-            check(
-                token < tok.vocab_size,
-                f"stop_token_ids[{i}]",
-                f"token id {token} is outside the vocabulary (size {tok.vocab_size})",
-            )
-        logprobs = params.logprobs if params.HasField("logprobs") else None
-        if logprobs is not None:
-            check(logprobs <= s.max_logprobs, "logprobs", f"{logprobs} is over the limit of {s.max_logprobs}")
-        check(
-            params.min_new_tokens <= max_new,
-            "min_new_tokens",
-            f"{params.min_new_tokens} is more than max_new_tokens ({max_new})",
-        )
-        InvalidArgument.raise_for(bad)
-        options = SamplingOptions(
-            max_new_tokens=max_new,
-            temperature=temperature,
-            top_k=params.top_k,
-            top_p=top_p,
-            repetition_penalty=penalty,
-            stop_token_ids=tuple(params.stop_token_ids),
-            seed=params.seed if params.HasField("seed") else None,
-            logprobs=logprobs,
-            min_new_tokens=params.min_new_tokens,
-            ignore_eos=params.ignore_eos,
-        )
+        options = sampling_options(params, limits)
         skip_special = params.skip_special_tokens if params.HasField("skip_special_tokens") else True
         return options, list(params.stop), skip_special
 
@@ -1082,7 +1178,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         source = inference_pb2.ADAPTER_SOURCE_FINE_TUNE if adapter.fine_tuned else inference_pb2.ADAPTER_SOURCE_LOADED
         pb = inference_pb2.AdapterInfo(
             name=adapter.name,
-            path=str(adapter.spec.path),
+            path=adapter.spec.shown_path,
             base_model=self.model_name,
             rank=adapter.spec.rank,
             alpha=adapter.spec.alpha,
@@ -1093,6 +1189,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         )
         pb.loaded_at.FromDatetime(adapter.loaded_at)
         return pb
+
+
+def _check_truncation(value: int) -> None:
+    """An unknown TruncationSide (99, -1: proto3 enums are open) is refused, as the task service does."""
+    if value not in common_pb2.TruncationSide.values():
+        raise InvalidArgument.field("truncation", f"{value} is not a valid TruncationSide")
 
 
 def _logprobs_pb(output: EngineOutput, tok: LoadedTokenizer) -> list[inference_pb2.TokenLogprob]:
@@ -1113,3 +1215,13 @@ def _hidden_size(model_dir: Path) -> int:
     config = json.loads((model_dir / "config.json").read_text())
     config = config.get("text_config", config)
     return int(config.get("hidden_size") or config.get("n_embd") or 0)
+
+
+def _shown_source(info: EngineInfo, fine_tuned: FineTunedModel | None) -> str:
+    """GetModelInfo's `source` as clients may see it: never a server path. A local model is named by its
+    directory's name, a fine-tuned one by its job, a remote one by the remote server's model id."""
+    if fine_tuned is not None:
+        return f"fine-tuning job {fine_tuned.job_id}"
+    if info.engine == "openai":
+        return info.source
+    return Path(info.source).name

@@ -48,12 +48,46 @@ class InferenceSettings(Settings):
     enable_lora: bool = setting(True, env="ENABLE_LORA", help="Serve LoRA adapters (costs some speed in vLLM).")
     max_lora_rank: int = setting(64, env="MAX_LORA_RANK", help="Largest LoRA rank an adapter may have.")
     max_loras: int = setting(4, env="MAX_LORAS", help="Adapters kept resident in the engine at once.")
+    adapter_roots: str = setting(
+        "",
+        env="ADAPTER_ROOTS",
+        help="Comma-separated directories LoadAdapter may read adapters from (a relative path is taken relative to "
+        "the first). Empty = LoadAdapter by path is refused. Never list the fine-tuning artifact store: fine-tuned "
+        "adapters are served by their ft: names.",
+    )
     max_full_models: int = setting(
         1,
         env="MAX_FULL_MODELS",
         help="Fully fine-tuned models (ft: names) served at once, each by an engine of its own started on first use "
         "(as much memory as the base model); the least recently used idle one is shut down to make room. 0 = don't "
         "serve them.",
+    )
+    engine_max_restarts: int = setting(
+        3,
+        env="ENGINE_MAX_RESTARTS",
+        help="Times the serving pool restarts a dead engine within GENLOOM_ENGINE_RESTART_WINDOW; one more death "
+        "in that window is a crash loop: health stays NOT_SERVING so an orchestrator replaces the process. 0 = never "
+        "restart.",
+    )
+    engine_restart_window: float = setting(
+        300.0, env="ENGINE_RESTART_WINDOW", help="Seconds over which engine restarts are counted (crash-loop window)."
+    )
+    engine_restart_backoff: float = setting(
+        1.0,
+        env="ENGINE_RESTART_BACKOFF",
+        help="Seconds before the first restart of a dead engine; doubles with each further restart in the window.",
+    )
+    engine_restart_backoff_max: float = setting(
+        30.0, env="ENGINE_RESTART_BACKOFF_MAX", help="Longest wait before an engine restart, in seconds."
+    )
+    engine_restart_wait: float = setting(
+        120.0,
+        env="ENGINE_RESTART_WAIT",
+        help="Longest a request waits for a restarting engine (also bounded by its deadline) before it is answered "
+        "UNAVAILABLE with RetryInfo.",
+    )
+    engine_health_interval: float = setting(
+        5.0, env="ENGINE_HEALTH_INTERVAL", help="Seconds between engine health checks (a dead engine is restarted)."
     )
     vllm_gpu_memory_utilization: float = setting(
         0.9, env="VLLM_GPU_MEMORY_UTILIZATION", help="vLLM on GPU: fraction of GPU memory for weights + KV cache."
@@ -84,5 +118,14 @@ class InferenceSettings(Settings):
             raise SettingsError("GENLOOM_MAX_QUEUED_REQUESTS, _MAX_LOGPROBS and _MAX_STOP_SEQUENCES must be >= 0")
         if self.engine == "openai" and not self.openai_base_url:
             raise SettingsError("GENLOOM_ENGINE=openai needs GENLOOM_OPENAI_BASE_URL (e.g. http://host:8000/v1)")
+        if self.engine_max_restarts < 0:
+            raise SettingsError("GENLOOM_ENGINE_MAX_RESTARTS must be >= 0 (0 = never restart a dead engine)")
+        for name in ("engine_restart_window", "engine_restart_wait", "engine_health_interval"):
+            if not getattr(self, name) > 0:
+                raise SettingsError(f"GENLOOM_{name.upper()} must be a positive number of seconds")
+        if not 0 <= self.engine_restart_backoff <= self.engine_restart_backoff_max:
+            raise SettingsError(
+                "GENLOOM_ENGINE_RESTART_BACKOFF must be >= 0 and at most GENLOOM_ENGINE_RESTART_BACKOFF_MAX"
+            )
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
             raise SettingsError("GENLOOM_VLLM_GPU_MEMORY_UTILIZATION must be in (0, 1]")

@@ -1,18 +1,28 @@
 """Model names -> local Hugging Face model directories.
 
 A name is, in order: the built-in default model (converted from its GGUF on first use), a configured alias
-(GENLOOM_MODELS), or, when GENLOOM_ALLOW_MODEL_PATHS is on, a path to a local model directory.
+(GENLOOM_MODELS), the configured default model (GENLOOM_MODEL, which may be a directory), or, when
+GENLOOM_ALLOW_MODEL_PATHS is on, a path to a model directory inside GENLOOM_MODEL_ROOTS.
+
+A directory has one name however a client spells it: a path to a configured model's directory resolves to that
+model's configured name, and any other directory to its canonical spelling relative to the first model root
+("./org/model"), so caches keyed on names hold one entry per directory and no response names a server path.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from genloom.services.models.smollm2 import ensure_default_model
-from genloom.services.server.errors import NotFound
+from genloom.services.server.errors import NotFound, quote
+from genloom.services.server.paths import canonical, resolve_within
 from genloom.services.server.settings import ModelSettings, split_list
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # Built-in models: name -> function(cache_dir, name) that returns their (prepared) directory.
@@ -29,6 +39,11 @@ class ModelSpec:
     path: Path
 
 
+def looks_like_path(name: str) -> bool:
+    """Whether a requested model name is meant as a directory rather than a model's name."""
+    return "/" in name or name.startswith((".", "~"))
+
+
 class ModelRegistry:
     def __init__(self, settings: ModelSettings) -> None:
         self.settings = settings
@@ -39,6 +54,16 @@ class ModelRegistry:
             if not sep:  # a bare path: named after its directory
                 path, name = name, Path(name).name
             self._aliases[name.strip()] = Path(path.strip()).expanduser()
+        # The operator's own GENLOOM_MODEL may be a directory: configured, so served whatever ALLOW_MODEL_PATHS says.
+        if looks_like_path(self.default_name) and self.default_name not in self._aliases:
+            self._aliases[self.default_name] = Path(self.default_name).expanduser()
+        self._roots = settings.model_root_paths()
+        # canonical directory -> configured name (first wins), for mapping other spellings of it back to the name.
+        self._configured_dirs: dict[Path, str] = {}
+        for name, path in self._aliases.items():
+            self._configured_dirs.setdefault(canonical(path), name)
+        for name in BUILTIN_MODELS:  # where a built-in model is (or will be) converted to
+            self._configured_dirs.setdefault(canonical(settings.model_cache / name), name)
 
     def configured_names(self) -> list[str]:
         """The default model first, then the GENLOOM_MODELS entries: what a server loads at start."""
@@ -46,25 +71,58 @@ class ModelRegistry:
         names += [n for n in self._aliases if n != self.default_name]
         return names
 
-    def resolve(self, name: str) -> ModelSpec:
-        """Resolve a requested model name ("" = the default). Raises NotFound. May convert the default model
-        (tens of seconds, once per cache), so call it off the event loop."""
+    def is_configured(self, name: str) -> bool:
+        """Whether `name` is one of the models the server is configured with (never evicted from caches)."""
+        return name in BUILTIN_MODELS or name in self._aliases
+
+    def resolve(self, name: str, field: str = "model") -> ModelSpec:
+        """Resolve a requested model name ("" = the default). Raises NotFound, or for a model path
+        PermissionDenied (outside the model roots) / InvalidArgument (unusable). May convert the default model
+        (tens of seconds, once per cache), so call it off the event loop. `field` names the request field in
+        messages about paths."""
         name = name or self.default_name
         if name in BUILTIN_MODELS:
             return ModelSpec(name, BUILTIN_MODELS[name](self.settings.model_cache, name))
         if name in self._aliases:
             path = self._aliases[name]
             if not _is_model_dir(path):
-                raise NotFound(f"model {name!r} is configured as {path}, which is not a Hugging Face model directory")
+                # The directory is the operator's, not the client's to know: it goes to the log only.
+                logger.error("model %s is configured as %s, which is not a Hugging Face model directory", name, path)
+                raise NotFound(f"model {quote(name)} is configured but its directory is not a model directory")
             return ModelSpec(name, path)
-        if self.settings.allow_model_paths and ("/" in name or name.startswith(".")):
-            path = Path(name).expanduser()
-            if _is_model_dir(path):
-                return ModelSpec(name, path)
-            raise NotFound(f"model path {name!r} is not a Hugging Face model directory on the server")
-        known = ", ".join(sorted({*BUILTIN_MODELS, *self._aliases}))
-        raise NotFound(f"unknown model {name!r}; known models: {known}")
+        if looks_like_path(name):
+            if not self.settings.allow_model_paths:
+                raise NotFound(
+                    f"unknown model {quote(name)}: this server serves its configured models only "
+                    f"(GENLOOM_ALLOW_MODEL_PATHS is off); known models: {self._known()}"
+                )
+            return self._resolve_path(name, field)
+        raise NotFound(f"unknown model {quote(name)}; known models: {self._known()}")
+
+    def _resolve_path(self, name: str, field: str) -> ModelSpec:
+        # Containment before existence: outside the roots is the same answer whether or not the path exists.
+        directory = resolve_within(name, self._roots, field=field, kind="dir", setting="GENLOOM_MODEL_ROOTS")
+        configured = self._configured_dirs.get(directory)
+        if configured is not None:
+            return self.resolve(configured)
+        if not _is_model_dir(directory):
+            raise NotFound(f"{field}: model path {quote(name)} is not a Hugging Face model directory")
+        return ModelSpec(self._canonical_name(directory), directory)
+
+    def _canonical_name(self, directory: Path) -> str:
+        """The one name of a directory inside the roots: relative to the first root, so it resolves back to the
+        same directory and shows no server path."""
+        relative = os.path.relpath(directory, canonical(self._roots[0]))
+        return relative if relative.startswith("..") else f"./{relative}"
+
+    def _known(self) -> str:
+        # A default configured as a directory is left out: its name is a server path ("" reaches it anyway).
+        names = sorted(n for n in {*BUILTIN_MODELS, *self._aliases} if not looks_like_path(n))
+        return ", ".join(names) or "none but the default"
 
 
 def _is_model_dir(path: Path) -> bool:
-    return path.is_dir() and any((path / marker).is_file() for marker in _MODEL_MARKERS)
+    try:
+        return path.is_dir() and any((path / marker).is_file() for marker in _MODEL_MARKERS)
+    except OSError:  # a name too long, a loop of links: not a model directory
+        return False

@@ -9,6 +9,7 @@ accepting RPCs, lets in-flight ones finish within the grace period, then closes 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
@@ -50,6 +51,18 @@ class HealthAware(Protocol):
         """Receive the callback to call with False (NOT_SERVING) or True (SERVING)."""
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a listen address: IP literal, name or wildcard) is reachable from this machine only."""
+    name = host.strip().strip("[]")
+    if name.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        # A host name other than localhost may resolve to any interface; "" and wildcards are every interface.
+        return False
+
+
 class GenloomServer:
     def __init__(self, settings: ServerSettings, services: Sequence[Service]) -> None:
         self.settings = settings
@@ -84,8 +97,15 @@ class GenloomServer:
                 ("grpc.max_connection_age_ms", int(s.max_connection_age * 1000)),
                 ("grpc.max_connection_age_grace_ms", int(s.shutdown_grace * 1000)),
             ]
+        api_keys = s.load_api_keys()
+        if not api_keys and not is_loopback(s.host):
+            logger.warning(
+                "serving on %s with no API keys: anyone who can reach this address can use every RPC "
+                "(generate, fine-tune, read jobs); set GENLOOM_API_KEYS or GENLOOM_API_KEYS_FILE, or bind 127.0.0.1",
+                s.host,
+            )
         server = grpc.aio.server(
-            interceptors=default_interceptors(s.load_api_keys()),
+            interceptors=default_interceptors(api_keys),
             options=options,
             maximum_concurrent_rpcs=s.max_concurrent_rpcs or None,
         )

@@ -11,6 +11,19 @@ from dataclasses import dataclass
 
 import grpc
 
+# How much of a client's value an error message may quote: enough to recognise it, never enough to push a status
+# past gRPC's metadata limit (16 KiB) or to mirror a huge input back.
+QUOTE_LIMIT = 64
+
+
+def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """A client-supplied value for an error message: escaped (repr), and cut to `limit` characters with the
+    full length noted. Every message that names a user's string goes through this."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
 
 @dataclass(frozen=True)
 class FieldViolation:
@@ -87,9 +100,15 @@ class ResourceExhausted(ServiceError):
 
 
 class Unavailable(ServiceError):
-    """Not ready (model loading), shutting down, or a dependency (engine, Redis, another service) is down."""
+    """Not ready (model loading), shutting down, or a dependency (engine, Redis, another service) is down.
+    With `retry_after` (seconds) the client is told when to retry (google.rpc.RetryInfo), e.g. while an engine
+    restarts."""
 
     code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class Unauthenticated(ServiceError):

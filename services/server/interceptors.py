@@ -7,10 +7,12 @@ and streaming responses alike, so the same code covers both shapes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import hmac
 import inspect
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,6 +22,7 @@ from typing import Any
 import grpc
 from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc._cython import cygrpc
 from grpc_status import rpc_status
 
 from genloom.services.server import errors
@@ -28,8 +31,16 @@ from genloom.services.server.metrics import RPC_IN_FLIGHT, RPC_LATENCY, RPC_REQU
 logger = logging.getLogger(__name__)
 
 REQUEST_ID_KEY = "x-request-id"
+# What a client may send as its x-request-id; anything else is replaced by an id of our own.
+CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 # The id of the RPC being handled, for log records (see log_setup.RequestIdFilter).
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("genloom_request_id", default="-")
+
+# What grpc raises when a send on a call fails because the client already left (cancelled, deadline, connection
+# lost) and grpc has not yet cancelled the handler's task: a cancellation, not a server error.
+CALL_GONE: tuple[type[BaseException], ...] = tuple(
+    kind for kind in (getattr(cygrpc, "ExecuteBatchError", None),) if isinstance(kind, type)
+)
 
 # Methods anyone may call without an API key: load balancers and debugging tools must reach them.
 PUBLIC_SERVICE_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
@@ -78,13 +89,21 @@ class ScopedInterceptor(grpc.aio.ServerInterceptor):
         return unary
 
     def _wrap_stream(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
-        # grpc.aio forbids mixing `yield` with context.write(): keep the inner handler's style.
+        # Always handed to grpc in writer style (context.write), never as an async generator. grpc cancels the
+        # handler's task when the client cancels; if that lands while grpc itself is sending a message the
+        # generator was suspended at `yield`, grpc drops it unclosed, and the event loop finalizes it later in
+        # another task and context: the scopes then exit where their context variables were never set (and the
+        # RPC is counted UNKNOWN). Here the cancellation arrives in this coroutine, and `aclosing` closes the
+        # handler's generator at once, in the handler's own task (which also aborts its engine work promptly).
         if inspect.isasyncgenfunction(behavior):
 
-            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                async with self.scope(method, request, context):
-                    async for message in behavior(request, context):
-                        yield message
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> None:
+                async with (
+                    self.scope(method, request, context),
+                    contextlib.aclosing(behavior(request, context)) as messages,
+                ):
+                    async for message in messages:
+                        await context.write(message)
 
             return stream
 
@@ -105,7 +124,9 @@ class ObservabilityInterceptor(ScopedInterceptor):
     @asynccontextmanager
     async def _observe(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         metadata = dict(context.invocation_metadata() or ())
-        request_id = str(metadata.get(REQUEST_ID_KEY) or uuid.uuid4().hex)
+        given = metadata.get(REQUEST_ID_KEY)
+        # A client's id is echoed in headers, messages and every log line of the call: only a short, plain one.
+        request_id = given if isinstance(given, str) and CLIENT_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         token = request_id_var.set(request_id)
         service, name = split_method(method)
         in_flight = RPC_IN_FLIGHT.labels(service, name)
@@ -119,6 +140,11 @@ class ObservabilityInterceptor(ScopedInterceptor):
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
+        except CALL_GONE:
+            # E.g. the headers above, for a client that cancelled before the handler ran. Re-raised as is, grpc
+            # would log it as an error when it has not yet seen the client leave.
+            code = grpc.StatusCode.CANCELLED
+            raise asyncio.CancelledError from None
         except BaseException:
             code = _status_of(context) or grpc.StatusCode.UNKNOWN
             raise
@@ -159,6 +185,10 @@ class ErrorInterceptor(ScopedInterceptor):
             await context.abort(status.code, status.details, status.trailing_metadata)
         except (asyncio.CancelledError, grpc.aio.AbortError, GeneratorExit):
             raise
+        except CALL_GONE:
+            # Not a bug to report: the client left while a message was on its way. Ends the call as cancelled.
+            logger.debug("%s: the client left before the call ended", method)
+            raise asyncio.CancelledError from None
         except Exception:
             logger.exception("unhandled error in %s", method)
             await context.abort(
@@ -167,17 +197,49 @@ class ErrorInterceptor(ScopedInterceptor):
             )
 
 
+# Bounds on what one error status carries, whatever a servicer put in it. The status travels in the trailers:
+# grpc-message (percent-encoded: up to 3 bytes per byte) and grpc-status-details-bin (base64 of the Status, which
+# repeats the message). Past gRPC's metadata limits (8 KiB soft, some calls refused; 16 KiB hard) the client gets
+# RESOURCE_EXHAUSTED instead of the real code, so these keep the trailers under 6 KiB in the worst case.
+MAX_STATUS_MESSAGE_BYTES = 512
+MAX_VIOLATION_FIELD_BYTES = 128
+MAX_VIOLATION_DESCRIPTION_BYTES = 256
+MAX_VIOLATIONS = 20
+MAX_STATUS_DETAILS_BYTES = 3072
+
+
+def _clip(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` UTF-8 bytes (on a character boundary), marked when cut."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return text
+    marker = "... (truncated)"
+    return data[: limit - len(marker)].decode("utf-8", "ignore") + marker
+
+
 def to_rpc_status(err: errors.ServiceError) -> grpc.Status:
-    status = status_pb2.Status(code=err.code.value[0], message=err.message)
-    if isinstance(err, errors.InvalidArgument) and err.violations:
-        detail = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                for v in err.violations
-            ]
-        )
+    """The status for a domain error, bounded in size (see MAX_STATUS_*): the client always receives its code."""
+    violations = err.violations if isinstance(err, errors.InvalidArgument) else ()
+    detail = error_details_pb2.BadRequest(
+        field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(
+                field=_clip(v.field, MAX_VIOLATION_FIELD_BYTES),
+                description=_clip(v.description, MAX_VIOLATION_DESCRIPTION_BYTES),
+            )
+            for v in violations[:MAX_VIOLATIONS]
+        ]
+    )
+    # The first violations are the ones a client fixes first: drop from the end until they fit next to the
+    # longest message.
+    while len(detail.field_violations) > 1 and detail.ByteSize() > MAX_STATUS_DETAILS_BYTES - MAX_STATUS_MESSAGE_BYTES:
+        del detail.field_violations[-1]
+    message = err.message
+    if len(violations) > len(detail.field_violations):
+        message = f"{message} ({len(violations) - len(detail.field_violations)} more problems not listed)"
+    status = status_pb2.Status(code=err.code.value[0], message=_clip(message, MAX_STATUS_MESSAGE_BYTES))
+    if detail.field_violations:
         status.details.add().Pack(detail)
-    elif isinstance(err, errors.ResourceExhausted):
+    elif isinstance(err, errors.ResourceExhausted | errors.Unavailable) and err.retry_after is not None:
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(err.retry_after * 1e9))
         status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))

@@ -240,15 +240,35 @@ class ModelSettings(Settings):
         "(ft:<base>:<suffix>:<job-id> names); the Celery broker of the training queue too.",
     )
     allow_model_paths: bool = setting(
-        True,
+        False,
         env="ALLOW_MODEL_PATHS",
-        help="Let requests name a local model directory as `model` (loaded on first use). Turn off on shared "
-        "servers so clients can only use the configured models.",
+        help="Let requests name a model directory inside GENLOOM_MODEL_ROOTS as `model` (loaded on first use). Off: "
+        "clients can use the configured models only.",
     )
+    model_roots: str = setting(
+        "",
+        env="MODEL_ROOTS",
+        help="Comma-separated directories that model paths in requests must lie in (with GENLOOM_ALLOW_MODEL_PATHS); "
+        "a relative path is taken relative to the first. Empty = GENLOOM_MODEL_CACHE. Never list the fine-tuning "
+        "artifact store: fine-tuned models are served by their ft: names.",
+    )
+    max_cached_models: int = setting(
+        8,
+        env="MAX_CACHED_MODELS",
+        help="Models named by path kept loaded (tokenizers) at once, beyond the configured ones (never evicted); "
+        "the least recently used is dropped to make room.",
+    )
+
+    def model_root_paths(self) -> list[Path]:
+        """The directories a requested model path must lie in (GENLOOM_MODEL_ROOTS, else the model cache)."""
+        roots = [Path(root).expanduser() for root in split_list(self.model_roots)]
+        return roots or [self.model_cache]
 
     def validate(self) -> None:
         if self.max_model_len < 0:
             raise SettingsError("GENLOOM_MAX_MODEL_LEN must be >= 0")
+        if self.max_cached_models < 1:
+            raise SettingsError("GENLOOM_MAX_CACHED_MODELS must be >= 1")
         for item in split_list(self.models):
             name, sep, path = item.partition("=")
             if sep and (not name.strip() or not path.strip()):

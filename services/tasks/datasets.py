@@ -13,7 +13,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from genloom.services.server.errors import FieldViolation, InvalidArgument, NotFound, PermissionDenied
+from genloom.services.server.errors import FieldViolation, InvalidArgument, NotFound, quote
+from genloom.services.server.paths import resolve_within
 from genloom.v1 import tasks_pb2
 
 # The EvalRecord oneof case each task's records use.
@@ -221,30 +222,13 @@ def validate_records(records: Sequence[tasks_pb2.EvalRecord], task: int, *, fiel
 
 
 def resolve_path(root: Path | None, path: str, *, field: str) -> Path:
-    """The file `path` names, with symlinks resolved, provided it lies inside `root` (the data root).
+    """The file `path` names, with symlinks resolved, provided it lies inside `root` (the data root; None = reading
+    files is off). A relative path is taken relative to the root.
 
     Containment is checked before existence, so a client cannot probe which files exist outside the root.
     """
-    if root is None or str(root) == "":
-        raise PermissionDenied("reading datasets from the server's disk is disabled: set GENLOOM_TASKS_DATA_ROOT")
-    if _blank(path):
-        raise InvalidArgument.field(field, "must not be empty")
-    try:
-        base = Path(root).resolve()
-        resolved = (base / path).resolve()
-        if not resolved.is_relative_to(base):
-            raise PermissionDenied(f"{field}: {path!r} is outside the data root (GENLOOM_TASKS_DATA_ROOT)")
-        if not resolved.exists():
-            raise NotFound(f"{field}: no file {path!r} in the data root")
-        if resolved.is_dir():
-            raise InvalidArgument.field(field, f"{path!r} is a directory, not a JSONL file")
-        if not resolved.is_file():
-            raise InvalidArgument.field(field, f"{path!r} is not a regular file")
-    except (OSError, ValueError) as err:  # e.g. a NUL byte or a name too long
-        # strerror, not str(err): the latter shows the absolute path, i.e. where the data root is.
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-        raise InvalidArgument.field(field, f"{path!r} cannot be opened: {reason}") from None
-    return resolved
+    roots = [] if root is None or str(root) == "" else [root]
+    return resolve_within(path, roots, field=field, kind="file", setting="GENLOOM_TASKS_DATA_ROOT")
 
 
 def _decoded_lines(lines: Iterable[bytes], *, source: str, field: str) -> Iterator[str]:
@@ -281,9 +265,9 @@ def load_dataset(
         try:
             file = path.open("rb")
         except FileNotFoundError:  # removed since resolve_path looked
-            raise NotFound(f"{path_field}: no file {dataset.path!r} in the data root") from None
+            raise NotFound(f"{path_field}: {quote(dataset.path)} does not exist") from None
         except OSError as err:
-            raise InvalidArgument.field(path_field, f"{dataset.path!r} cannot be read: {err.strerror}") from None
+            raise InvalidArgument.field(path_field, f"{quote(dataset.path)} cannot be read: {err.strerror}") from None
         with file:
             lines = _decoded_lines(file, source=field, field=path_field)
             return parse_jsonl(lines, task, source=field, max_items=max_items, field=path_field)

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from genloom.services.server.errors import FieldViolation, InvalidArgument, ServiceError
+from genloom.services.server.errors import FieldViolation, InvalidArgument, ServiceError, quote
 from genloom.services.tasks import metrics
 from genloom.services.tasks.answer import AnswerOptions, answer
 from genloom.services.tasks.classify import classify
@@ -92,9 +92,26 @@ class Evaluation:
         checks.require(r.concurrency <= MAX_CONCURRENCY, "concurrency", f"{r.concurrency} is over {MAX_CONCURRENCY}")
         checks.enum(r.truncation, common_pb2.TruncationSide, "truncation")
         checks.chunking(r.chunking)
+        checks.sampling(r.sampling)
+        for i, config in enumerate(r.configurations[: s.max_eval_configs]):
+            if config.HasField("sampling"):
+                checks.sampling(config.sampling, f"configurations[{i}].sampling")
         if r.task == tasks_pb2.TASK_TYPE_SUMMARIZE:
             checks.enum(r.options.format, tasks_pb2.SummaryFormat, "options.format")
             checks.target_length(r.options.target_length, "options.target_length")
+        else:
+            # Unused by this task, but an unknown value still marks a malformed request.
+            checks.enum(r.options.format, tasks_pb2.SummaryFormat, "options.format")
+            checks.enum(r.options.target_length.unit, tasks_pb2.SummaryLengthUnit, "options.target_length.unit")
+        for i, config in enumerate(r.configurations[: s.max_eval_configs]):
+            # Before any dataset is read (also checked, with the rest of each configuration, in _resolve).
+            checks.enum(config.strategy, tasks_pb2.PromptStrategy, f"configurations[{i}].strategy")
+            checks.enum(config.method, tasks_pb2.ClassifyMethod, f"configurations[{i}].method")
+            checks.enum(
+                config.example_source.selection,
+                tasks_pb2.ExampleSelection,
+                f"configurations[{i}].example_source.selection",
+            )
         InvalidArgument.raise_for(checks.violations)
 
         self.default_model = (await self.servicer.upstream.model_facts("")).name
@@ -120,7 +137,7 @@ class Evaluation:
         if self.task == tasks_pb2.TASK_TYPE_CLASSIFY:
             names = {lb.name for lb in self.labels}
             bad = [
-                FieldViolation(where, f"label {label!r} is not in options.labels")
+                FieldViolation(where, f"label {quote(label)} is not in options.labels")
                 for where, recs in [
                     ("dataset", self.items),
                     *((f"configurations[{c.index}].examples", c.split) for c in self.configs),

@@ -18,7 +18,7 @@ from genloom.services.tasks.settings import TasksSettings
 from genloom.services.tasks.summarize import SummarizeOptions, summarize
 from genloom.services.tasks.upstream import Upstream, deadline_var
 from genloom.services.tasks.validation import Checks
-from genloom.v1 import common_pb2, tasks_pb2, tasks_pb2_grpc
+from genloom.v1 import common_pb2, inference_pb2, tasks_pb2, tasks_pb2_grpc
 
 T = TypeVar("T")
 
@@ -52,6 +52,7 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
         _set_deadline(context)
         options = self._summarize_options(request, list(request.documents), "documents")
         ctx = await self._context(request.model, request.strategy, len(request.examples), request.max_examples)
+        self._check_vocabulary(request.sampling, ctx)
 
         async def one(i: int, document: str) -> tasks_pb2.SummaryResult:
             result = None
@@ -71,6 +72,7 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
         _set_deadline(context)
         options = self._summarize_options(request, [request.document], "document")
         ctx = await self._context(request.model, request.strategy, len(request.examples), request.max_examples)
+        self._check_vocabulary(request.sampling, ctx)
         async for event in summarize(ctx, request.document, options, "document", stream=True):
             if isinstance(event, str):
                 yield tasks_pb2.SummarizeStreamResponse(delta=tasks_pb2.SummaryDelta(text=event))
@@ -97,6 +99,7 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
         )
         checks.answer_examples(request.examples)
         checks.chunking(request.chunking)
+        checks.sampling(request.sampling)
         InvalidArgument.raise_for(_rename(checks.violations, "items[", ".question", "items"))
         options = AnswerOptions(
             examples=list(request.examples),
@@ -107,6 +110,7 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
             truncation=request.truncation,
         )
         ctx = await self._context(request.model, request.strategy, len(request.examples), request.max_examples)
+        self._check_vocabulary(request.sampling, ctx)
         results = await _gather([answer(ctx, item, options, f"items[{i}]") for i, item in enumerate(request.items)])
         response = tasks_pb2.AnswerResponse(model=ctx.model_ref(), results=results)
         response.usage.CopyFrom(_total_usage(r.usage for r in results))
@@ -118,6 +122,7 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
         _set_deadline(context)
         options = self.classify_options(request)
         ctx = await self._context(request.model, request.strategy, len(request.examples), request.max_examples)
+        self._check_vocabulary(request.sampling, ctx)
         batch = None
         if options.method == tasks_pb2.CLASSIFY_METHOD_SCORE and not options.multi_label:
             batch = ScoreBatch(ctx, len(request.texts))
@@ -152,6 +157,14 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
             semaphore=asyncio.Semaphore(self.settings.max_concurrency),
         )
 
+    def _check_vocabulary(
+        self, params: inference_pb2.SamplingParams, ctx: TaskContext, field: str = "sampling"
+    ) -> None:
+        """The sampling checks that need the model's vocabulary (top_k, stop_token_ids), once it is known."""
+        checks = Checks(self.settings)
+        checks.sampling(params, field, vocab_size=ctx.facts.vocab_size)
+        InvalidArgument.raise_for(checks.violations)
+
     def _summarize_options(self, request: Any, documents: Sequence[str], field: str) -> SummarizeOptions:
         checks = Checks(self.settings)
         if field == "document":
@@ -169,6 +182,7 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
         checks.target_length(request.target_length)
         checks.summarize_examples(request.examples)
         checks.chunking(request.chunking)
+        checks.sampling(request.sampling)
         InvalidArgument.raise_for(checks.violations)
         return SummarizeOptions(
             examples=list(request.examples),
@@ -202,6 +216,7 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
         )
         threshold = request.threshold if request.HasField("threshold") else DEFAULT_THRESHOLD
         checks.require(0.0 <= threshold <= 1.0, "threshold", f"{threshold:g} is outside 0.0 to 1.0")
+        checks.sampling(request.sampling)
         InvalidArgument.raise_for(checks.violations)
         return ClassifyOptions(
             labels=list(request.labels),

@@ -10,13 +10,18 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import json
+import logging
 import random
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError, Message
+from google.rpc import error_details_pb2, status_pb2
+from google.rpc.error_details_pb2 import RetryInfo
 
 from genloom._transport import KEEPALIVE_OPTIONS
 from genloom.services.server import errors
@@ -28,6 +33,8 @@ from genloom.v1 import (
     tokenizer_pb2,
     tokenizer_pb2_grpc,
 )
+
+logger = logging.getLogger(__name__)
 
 #: Monotonic deadline of the task RPC being served (None: the caller set none). Every upstream call gets the
 #: time that is left, so a task never outlives its caller's deadline.
@@ -51,6 +58,8 @@ _SERVICE_CONFIG = json.dumps(
         ]
     }
 )
+# Models whose facts are kept (least recently used dropped first).
+MAX_CACHED_MODELS = 256
 # Attempts of one upstream call that fails with UNAVAILABLE (see _may_retry), and the first pause between them.
 UPSTREAM_ATTEMPTS = 3
 UPSTREAM_BACKOFF = 0.1
@@ -73,6 +82,7 @@ class ModelFacts:
     name: str
     context_window: int
     has_chat_template: bool
+    vocab_size: int = 0  # every valid token id is below it; 0 = unknown
 
 
 def remaining_timeout() -> float | None:
@@ -97,7 +107,8 @@ class Upstream:
         self._channels: list[grpc.aio.Channel] = []
         self.tokenizer: tokenizer_pb2_grpc.TokenizerServiceStub | None = None
         self.inference: inference_pb2_grpc.InferenceServiceStub | None = None
-        self._facts: dict[str, ModelFacts] = {}
+        # Keyed by the caller's spelling of a model: bounded, since a client can spell one model many ways.
+        self._facts: OrderedDict[str, ModelFacts] = OrderedDict()
         self._facts_lock = asyncio.Lock()
         self._api_key = settings.upstream_api_key
 
@@ -162,19 +173,23 @@ class Upstream:
         """Context window and chat template of `model` ("" = the default), asked once per model."""
         facts = self._facts.get(model)
         if facts is not None:
+            self._facts.move_to_end(model)
             return facts
         async with self._facts_lock:
-            if model not in self._facts:
+            facts = self._facts.get(model)  # another call may have asked while this one waited for the lock
+            if facts is None:
                 assert self.tokenizer is not None
                 info = await self._unary(
                     "tokenizer",
                     self.tokenizer.GetTokenizerInfo,
                     tokenizer_pb2.GetTokenizerInfoRequest(model=model),
                 )
-                facts = ModelFacts(info.model, info.context_window, info.has_chat_template)
-                self._facts[model] = facts
+                facts = ModelFacts(info.model, info.context_window, info.has_chat_template, info.vocab_size)
                 self._facts[info.model] = facts
-            return self._facts[model]
+                self._facts[model] = facts
+                while len(self._facts) > MAX_CACHED_MODELS:
+                    self._facts.popitem(last=False)
+            return facts
 
     async def tokenize(
         self, model: str, inputs: Sequence[tokenizer_pb2.TokenizerInput], *, offsets: bool = False
@@ -235,42 +250,90 @@ async def _may_retry(err: grpc.aio.AioRpcError, attempt: int) -> bool:
     return True
 
 
+# Codes an upstream genloom service gives for the caller's own mistakes (bad value, unknown name, a path it may
+# not use, a state that forbids the call). They reach the task's caller as they are, message and BadRequest
+# included: retrying would not help, and the message already follows the error contract (the upstream server's
+# interceptor wrote it). gRPC itself never produces these codes, so no transport text can come with them.
+_CALLER_ERRORS: dict[grpc.StatusCode, type[errors.ServiceError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: errors.NotFound,
+    grpc.StatusCode.OUT_OF_RANGE: errors.OutOfRange,
+    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
+    grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExists,
+}
+
+
 def translate(err: grpc.aio.AioRpcError, service: str) -> errors.ServiceError:
-    """An upstream failure as the task service's error: the caller's mistakes keep their status (bad sampling
-    parameters, unknown model), a missing or failing dependency is UNAVAILABLE."""
+    """An upstream failure as the task service's error. The caller's mistakes keep their code (see _CALLER_ERRORS);
+    a missing, overloaded or failing dependency is UNAVAILABLE / RESOURCE_EXHAUSTED / INTERNAL with a message of
+    our own. gRPC's text for those names addresses ("ipv4:10.0.0.7:50051: Connection refused"): it goes to the
+    log, never to the caller."""
     code = err.code()
     details = err.details() or code.name
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return errors.InvalidArgument(details)
-    if code == grpc.StatusCode.NOT_FOUND:
-        return errors.NotFound(details)
+    status = _status_details(err)
+    kind = _CALLER_ERRORS.get(code)
+    if kind is errors.InvalidArgument:
+        violations = [
+            errors.FieldViolation(_caller_field(service, v.field), v.description)
+            for detail in status
+            if isinstance(detail, error_details_pb2.BadRequest)
+            for v in detail.field_violations
+        ]
+        # The contract promises a BadRequest with every INVALID_ARGUMENT; an upstream that sent none (a request
+        # it could not parse) is named as the field at fault.
+        return errors.InvalidArgument(details, violations or [errors.FieldViolation(service, details)])
+    if kind is not None:
+        return kind(details)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return errors.DeadlineExceeded(f"the {service} service did not answer before the deadline")
+    if code == grpc.StatusCode.CANCELLED:
+        return errors.Unavailable(f"the call to the {service} service was cancelled; retry")
+    retry_after = next((d.retry_delay.ToNanoseconds() / 1e9 for d in status if isinstance(d, RetryInfo)), None)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return errors.ResourceExhausted(f"the {service} service is overloaded: {details}", _retry_after(err))
-    if code == grpc.StatusCode.FAILED_PRECONDITION:
-        return errors.FailedPrecondition(details)
-    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        logger.info("the %s service is overloaded: %s", service, details)
+        return errors.ResourceExhausted(f"the {service} service is overloaded; retry later", retry_after or 1.0)
+    logger.warning("a call to the %s service failed: %s: %s", service, code.name, details)
+    if code == grpc.StatusCode.UNAUTHENTICATED:
         return errors.Unavailable(
-            f"the task service is not allowed to call the {service} service ({details}); "
-            "check GENLOOM_TASKS_UPSTREAM_API_KEY"
+            f"the {service} service refused the task service's credentials; check GENLOOM_TASKS_UPSTREAM_API_KEY"
         )
     if code == grpc.StatusCode.UNIMPLEMENTED:
         return errors.Unavailable(
             f"no {service} service at the configured target; set GENLOOM_TASKS_{service.upper()}_TARGET"
         )
-    return errors.Unavailable(f"the {service} service is unavailable: {details}")
+    if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS):
+        # A fault of the upstream server, not a blip: retrying the same request would fail the same way.
+        return errors.ServiceError(
+            f"the {service} service failed (request id {request_id_var.get()}); the server logs have the details"
+        )
+    return errors.Unavailable(f"the {service} service is unavailable; retry later", retry_after)
 
 
-def _retry_after(err: grpc.aio.AioRpcError) -> float:
-    from google.rpc import error_details_pb2, status_pb2
+def _caller_field(service: str, field: str) -> str:
+    """An upstream request's field as the task request's field where the task request has it (the same ModelRef
+    and SamplingParams travel on), else named as a field of the request the task service made."""
+    head = field.split(".", 1)[0].split("[", 1)[0]
+    if service == "tokenizer" and field == "model":
+        return "model.model"
+    if service == "inference" and head in ("model", "sampling"):
+        return field
+    return f"{service}.{field}"
 
+
+def _status_details(err: grpc.aio.AioRpcError) -> list[Message]:
+    """The google.rpc details (BadRequest, RetryInfo) an upstream status carries."""
+    found: list[Message] = []
     for key, value in err.trailing_metadata() or ():
-        if key != "grpc-status-details-bin":
+        if key != "grpc-status-details-bin" or not isinstance(value, bytes):
             continue
-        status = status_pb2.Status.FromString(value)
+        try:
+            status = status_pb2.Status.FromString(value)
+        except DecodeError:
+            continue
         for detail in status.details:
-            info = error_details_pb2.RetryInfo()
-            if detail.Unpack(info):
-                return info.retry_delay.ToNanoseconds() / 1e9
-    return 1.0
+            for kind in (error_details_pb2.BadRequest, RetryInfo):
+                unpacked = kind()
+                if detail.Unpack(unpacked):
+                    found.append(unpacked)
+    return found

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from genloom.services.server.errors import FieldViolation
+from genloom.services.inference.sampling import SamplingLimits, check_sampling
+from genloom.services.server.errors import FieldViolation, quote
 from genloom.services.tasks.settings import TasksSettings
-from genloom.v1 import common_pb2, tasks_pb2
+from genloom.v1 import common_pb2, inference_pb2, tasks_pb2
 
 MAX_INSTRUCTION = 2000
 MAX_LABEL_NAME = 128
@@ -58,6 +59,13 @@ class Checks:
         if strategy == tasks_pb2.PROMPT_STRATEGY_ONE_SHOT or strategy == tasks_pb2.PROMPT_STRATEGY_FEW_SHOT:
             name = tasks_pb2.PromptStrategy.Name(strategy)
             self.require(examples > 0, "examples", f"{name} needs at least one example")
+
+    def sampling(self, params: inference_pb2.SamplingParams, field: str = "sampling", vocab_size: int = 0) -> None:
+        """The shared sampling check (the one the inference service runs), so a bad value is refused here with its
+        task field named. Left to the inference service: the number of stop sequences (the task adds its own) and
+        logprobs (tasks set it themselves); the vocabulary checks need `vocab_size` (0 = unknown yet)."""
+        limits = SamplingLimits(default_max_new_tokens=None, vocab_size=vocab_size or None)
+        self.violations.extend(check_sampling(params, limits, field))
 
     def chunking(self, options: tasks_pb2.ChunkingOptions, field: str = "chunking") -> None:
         size = options.chunk_tokens
@@ -110,7 +118,7 @@ class Checks:
             self.require(bool(name.strip()), f"{field}[{i}].name", "is empty")
             self.require(name == name.strip(), f"{field}[{i}].name", "has leading or trailing whitespace")
             self.require(len(name) <= MAX_LABEL_NAME, f"{field}[{i}].name", f"longer than {MAX_LABEL_NAME} characters")
-            self.require(name not in seen, f"{field}[{i}].name", f"duplicate label {name!r}")
+            self.require(name not in seen, f"{field}[{i}].name", f"duplicate label {quote(name)}")
             self.require(
                 len(label.description) <= MAX_LABEL_DESCRIPTION,
                 f"{field}[{i}].description",
@@ -135,5 +143,5 @@ class Checks:
                 )
             for j, label in enumerate(e.labels):
                 self.require(
-                    label in names, f"{field}[{i}].labels[{j}]", f"{label!r} is not one of the request's labels"
+                    label in names, f"{field}[{i}].labels[{j}]", f"{quote(label)} is not one of the request's labels"
                 )

@@ -1,11 +1,14 @@
-"""Loaded tokenizers, by model name: the configured ones at start, local model paths on first use, and fine-tuned
-models ("ft:<base>:<suffix>:<job-id>", looked up in the fine-tuned model registry) as their base model's."""
+"""Loaded tokenizers, by model name: the configured ones at start, model paths (inside the model roots) on first
+use, and fine-tuned models ("ft:<base>:<suffix>:<job-id>", looked up in the fine-tuned model registry) as their base
+model's."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -13,13 +16,15 @@ from typing import Any
 
 from genloom.services.finetune.registry import FineTunedModelResolver, is_fine_tuned
 from genloom.services.models.registry import ModelRegistry, ModelSpec
-from genloom.services.server.errors import InvalidArgument, NotFound
+from genloom.services.server.errors import InvalidArgument, NotFound, PermissionDenied, quote
 
 logger = logging.getLogger(__name__)
 
 # transformers uses ~1e30 for "no limit" in model_max_length; anything this large is not a real window.
 _NO_LIMIT = 10**8
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+# Fine-tuned names remembered with their base model's name (two short strings each).
+_MAX_FINE_TUNED_NAMES = 1024
 
 
 @dataclass(frozen=True)
@@ -56,11 +61,13 @@ class LoadedTokenizer:
 
     def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         if not self.chat_template:
-            raise InvalidArgument(f"model {self.name!r} has no chat template: send plain text instead")
+            raise InvalidArgument(f"model {quote(self.name)} has no chat template: send plain text instead")
         try:
             text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
         except Exception as err:  # jinja2 errors, including a template's own raise_exception()
-            raise InvalidArgument(f"the chat template of {self.name!r} rejected the conversation: {err}") from None
+            raise InvalidArgument(
+                f"the chat template of {quote(self.name)} rejected the conversation: {quote(str(err), 200)}"
+            ) from None
         return str(text)
 
     def decode(self, sequences: list[list[int]], skip_special_tokens: bool) -> list[str]:
@@ -120,6 +127,10 @@ def _context_window(path: Path, hf: Any, max_model_len: int) -> int:
 
 
 class TokenizerStore:
+    """Tokenizers by canonical model name. The configured models stay loaded; models named by path are kept in a
+    least-recently-used cache of GENLOOM_MAX_CACHED_MODELS, so no sequence of requests grows the process without
+    bound (every spelling of a directory resolves to one name, hence one entry)."""
+
     def __init__(
         self,
         registry: ModelRegistry,
@@ -130,12 +141,16 @@ class TokenizerStore:
         self.registry = registry
         self._max_model_len = max_model_len
         self._loader = loader
-        self._loaded: dict[str, LoadedTokenizer] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._max_cached = registry.settings.max_cached_models
+        # Least recently used first (configured models too, but those are never evicted).
+        self._loaded: OrderedDict[str, LoadedTokenizer] = OrderedDict()
+        # Loads under way, by canonical name: concurrent first requests share one load (and the entry goes when it
+        # ends, so names that fail to load leave nothing behind).
+        self._loading: dict[str, asyncio.Task[LoadedTokenizer]] = {}
         self._fine_tuned = fine_tuned or FineTunedModelResolver(registry.settings.redis_url)
-        # ft name -> its base model's tokenizer under the ft name (kept apart from _loaded: ListTokenizers lists
-        # the tokenizers this server loaded, not every fine-tuned name a client has asked about).
-        self._fine_tuned_tokenizers: dict[str, LoadedTokenizer] = {}
+        # ft name -> its base model's name (the tokenizer itself stays in _loaded alone: ListTokenizers lists the
+        # tokenizers this server loaded, not every fine-tuned name a client has asked about).
+        self._fine_tuned_bases: OrderedDict[str, str] = OrderedDict()
 
     async def preload(self) -> None:
         """Load the configured models (default first)."""
@@ -145,38 +160,81 @@ class TokenizerStore:
     async def get(self, name: str, field: str = "model") -> LoadedTokenizer:
         """The tokenizer for a requested model name ("" = default); loads it on first use. A fine-tuned model's is
         its base model's, reported under the fine-tuned name. Raises NotFound (InvalidArgument for a malformed
-        "ft:" name, Unavailable when the fine-tuned model registry can't be reached)."""
+        "ft:" name or an unusable path, PermissionDenied for a path outside the model roots, Unavailable when the
+        fine-tuned model registry can't be reached)."""
         name = name or self.registry.default_name
         if is_fine_tuned(name):
             return await self._get_fine_tuned(name, field)
+        loaded = self._hit(name)
+        if loaded is not None:
+            return loaded
+        spec = await asyncio.to_thread(self.registry.resolve, name, field)
+        loaded = self._hit(spec.name)  # another spelling of a model already loaded
+        if loaded is not None:
+            return loaded
+        task = self._loading.get(spec.name)
+        if task is None:
+            task = asyncio.create_task(self._load(spec, name, field), name=f"genloom-tokenizer-load:{spec.name}")
+            self._loading[spec.name] = task
+            task.add_done_callback(functools.partial(self._load_ended, spec.name))
+        # Shielded: a cancelled caller does not cancel a load others wait for (and the result is kept).
+        return await asyncio.shield(task)
+
+    def _hit(self, name: str) -> LoadedTokenizer | None:
         loaded = self._loaded.get(name)
         if loaded is not None:
-            return loaded
-        lock = self._locks.setdefault(name, asyncio.Lock())
-        async with lock:
-            if name not in self._loaded:
-                spec = await asyncio.to_thread(self.registry.resolve, name)
-                self._loaded[name] = await asyncio.to_thread(self._loader, spec, self._max_model_len)
-        return self._loaded[name]
+            self._loaded.move_to_end(name)
+        return loaded
+
+    async def _load(self, spec: ModelSpec, requested: str, field: str) -> LoadedTokenizer:
+        configured = self.registry.is_configured(spec.name)
+        try:
+            loaded = await asyncio.to_thread(self._loader, spec, self._max_model_len)
+        except Exception:
+            if configured:
+                raise  # the operator's model: a server fault, reported as such
+            # A client-named directory that holds no usable tokenizer is the client's problem; the details name
+            # server paths, so they go to the log only.
+            logger.warning("model %s: its tokenizer does not load", spec.name, exc_info=True)
+            raise InvalidArgument.field(
+                field, f"model path {quote(requested)} holds no tokenizer this server can load"
+            ) from None
+        self._loaded[spec.name] = loaded
+        self._evict()
+        return loaded
+
+    def _evict(self) -> None:
+        cached = [name for name in self._loaded if not self.registry.is_configured(name)]
+        for name in cached[: max(0, len(cached) - self._max_cached)]:  # least recently used first
+            del self._loaded[name]
+            logger.info("tokenizer %s dropped (least recently used; GENLOOM_MAX_CACHED_MODELS)", name)
+
+    def _load_ended(self, name: str, task: asyncio.Task[LoadedTokenizer]) -> None:
+        if self._loading.get(name) is task:
+            del self._loading[name]
+        if not task.cancelled():
+            task.exception()  # retrieved here: a failed load is its callers' error, not an asyncio log line
 
     async def _get_fine_tuned(self, name: str, field: str) -> LoadedTokenizer:
-        loaded = self._fine_tuned_tokenizers.get(name)
-        if loaded is not None:
-            return loaded
-        model = await self._fine_tuned.resolve(name, field)
-        if is_fine_tuned(model.base_model):
-            raise NotFound(f"{field}: fine-tuned model {name!r} is registered with no usable base model")
+        base_name = self._fine_tuned_bases.get(name)
+        if base_name is None:
+            model = await self._fine_tuned.resolve(name, field)
+            if is_fine_tuned(model.base_model):
+                raise NotFound(f"{field}: fine-tuned model {quote(name)} is registered with no usable base model")
+            base_name = model.base_model
         # Fine-tuning (LoRA or full) keeps the base model's vocabulary, so its tokenizer is the base model's.
         try:
-            base = await self.get(model.base_model)
-        except NotFound as err:
+            base = await self.get(base_name)
+        except (NotFound, PermissionDenied, InvalidArgument) as err:
             raise NotFound(
-                f"{field}: fine-tuned model {name!r} is based on {model.base_model!r}, which this server can't "
+                f"{field}: fine-tuned model {quote(name)} is based on {quote(base_name)}, which this server can't "
                 f"load ({err.message})"
             ) from None
-        loaded = replace(base, name=name)
-        self._fine_tuned_tokenizers[name] = loaded
-        return loaded
+        self._fine_tuned_bases[name] = base_name
+        self._fine_tuned_bases.move_to_end(name)
+        while len(self._fine_tuned_bases) > _MAX_FINE_TUNED_NAMES:
+            self._fine_tuned_bases.popitem(last=False)
+        return replace(base, name=name)
 
     def loaded(self) -> list[LoadedTokenizer]:
         """Loaded tokenizers, the default first."""
@@ -184,4 +242,6 @@ class TokenizerStore:
         return sorted(self._loaded.values(), key=lambda t: (t.name != default, t.name))
 
     async def close(self) -> None:
+        for task in list(self._loading.values()):
+            task.cancel()
         await self._fine_tuned.close()

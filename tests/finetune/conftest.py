@@ -89,6 +89,7 @@ class FineTuneEnv:
             reap_interval=0.5,
             webhook_backoff=0.05,
             webhook_attempts=3,
+            webhook_allowed_hosts="127.0.0.1",  # the tests' webhook receivers listen on loopback
         )
         values.update(overrides)
         return FinetuneSettings(**values)
@@ -119,6 +120,7 @@ def ft_env(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         "GENLOOM_FINETUNE_LEASE_SECONDS": "3",
         "GENLOOM_FINETUNE_WEBHOOK_ATTEMPTS": "3",
         "GENLOOM_FINETUNE_WEBHOOK_BACKOFF": "0.05",
+        "GENLOOM_FINETUNE_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
         "OMP_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }

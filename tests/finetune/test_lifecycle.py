@@ -32,7 +32,9 @@ def manager(ft_env: FineTuneEnv) -> JobManager:
     redis.Redis.from_url(ISOLATED_REDIS_URL).flushdb()
     sent: list[str] = []
     models = dataclasses.replace(ft_env.model_settings(), redis_url=ISOLATED_REDIS_URL)
-    m = JobManager(Store.from_url(ISOLATED_REDIS_URL), models, ft_env.settings(max_attempts=2), sent.append)
+    # No grace for lapsed leases here (they are tested with it in test_hardening.py).
+    settings = ft_env.settings(max_attempts=2, lost_worker_grace=0.0)
+    m = JobManager(Store.from_url(ISOLATED_REDIS_URL), models, settings, sent.append)
     m.sent = sent  # type: ignore[attr-defined]
     return m
 
@@ -120,7 +122,8 @@ def test_full_fine_tune_saves_a_whole_model(ft: FineTuneServer, shared_worker: W
     spec.hyperparameters.ClearField("lora_rank")
     job = ft.wait(ft.create(spec).id)
     assert job.state == S.JOB_STATE_SUCCEEDED, job.error
-    result = Path(job.result_path)
+    assert not Path(job.result_path).is_absolute()  # records show no server directories
+    result = ft.env.artifact_root / job.result_path
     assert (result / "config.json").is_file() and any(result.glob("*.safetensors"))
     assert (result / "tokenizer.json").is_file()
     assert not (result / "adapter_config.json").exists()

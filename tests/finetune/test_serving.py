@@ -155,7 +155,13 @@ async def stack(
 ) -> AsyncIterator[TaskStack]:
     """Tokenizer + inference + tasks on one server (ft adapters it loads are removed from the shared engine when it
     stops)."""
-    stack = await start_stack(hf_engine, default_model_dir, tmp_path_factory.mktemp("ft-task-data"))
+    # LoadAdapter may read the by-hand adapter (lora_dir) from the test's temporary directories.
+    stack = await start_stack(
+        hf_engine,
+        default_model_dir,
+        tmp_path_factory.mktemp("ft-task-data"),
+        adapter_roots=str(tmp_path_factory.getbasetemp()),
+    )
     yield stack
     await stop_stack(stack)
 
@@ -451,7 +457,7 @@ async def test_full_ft_model_is_served_hot_by_an_engine_of_its_own(
     assert (described.kind, described.base_model, described.source) == (
         inference_pb2.MODEL_KIND_FINE_TUNED_FULL,
         DEFAULT_MODEL,
-        str(full_model.path),
+        f"fine-tuning job {registry.parse_name(name)[2]}",  # never the server's artifact directory
     )
     assert not described.ready and name not in await full_models_listed(stub)  # started on first use only
 

@@ -403,7 +403,8 @@ def test_max_seq_length_against_the_context_window() -> None:
     ("url", "accepted"),
     [
         ("https://example.com/hooks/genloom", True),
-        ("http://127.0.0.1:8080/hook?x=1", True),
+        ("http://127.0.0.1:8080/hook?x=1", False),  # loopback: only with GENLOOM_FINETUNE_WEBHOOK_ALLOWED_HOSTS
+        ("https://hooks.example.com:8443/hook?x=1", True),
         ("HTTPS://Example.com/", True),
         ("https://example.com/" + "a" * (2048 - 20), True),
         ("https://example.com/" + "a" * (2049 - 20), False),

@@ -180,6 +180,7 @@ def test_webhook_signed_and_failures_only_warn(
         events = ft.events(job2.id, follow=False)
         warning = next((e for e in events if "webhook" in e.message and e.level == S.JOB_EVENT_LEVEL_WARNING), None)
         time.sleep(0.1)
-    assert warning is not None and "HTTP 500" in warning.message
+    # Only that it failed: the status code stays in the server log (no probing of what answers where).
+    assert warning is not None and "failed" in warning.message and "500" not in warning.message
     assert len(handler.calls) == 3  # GENLOOM_FINETUNE_WEBHOOK_ATTEMPTS in the test env
     assert ft.get(job2.id).state == S.JOB_STATE_SUCCEEDED

@@ -53,11 +53,15 @@ def engine(request: pytest.FixtureRequest) -> Engine:
 
 
 @pytest_asyncio.fixture(scope="module")
-async def service(engine: Engine, default_model_dir: Path) -> AsyncIterator[dict[str, Any]]:
-    """A genloom server hosting the inference service on the shared engine."""
+async def service(
+    engine: Engine, default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[dict[str, Any]]:
+    """A genloom server hosting the inference service on the shared engine; LoadAdapter may read adapters from the
+    tests' temporary directories."""
     kind = engine.info().engine
     models = ModelSettings(model=DEFAULT_MODEL, model_cache=default_model_dir.parent)
-    servicer = InferenceServicer(models, InferenceSettings(), engine=engine)
+    settings = InferenceSettings(adapter_roots=str(tmp_path_factory.getbasetemp()))
+    servicer = InferenceServicer(models, settings, engine=engine)
     server = GenloomServer(ServerSettings(port=0, shutdown_grace=1.0), [servicer])
     await server.start()
     await server.wait_ready()
@@ -333,10 +337,11 @@ async def test_adapters_load_change_outputs_and_bad_paths_are_refused(
     assert again.token_ids == base.token_ids  # the base model is untouched
     assert [a.name for a in await client.inference.adapters()] == [name]
 
-    for bad in (str(tmp_path / "missing"), str(tmp_path)):
-        with pytest.raises(genloom.InvalidArgumentError) as err:
-            await client.inference.load_adapter("broken", bad)
-        assert err.value.field_violations[0].field == "path"
+    with pytest.raises(genloom.InvalidArgumentError) as err:
+        await client.inference.load_adapter("broken", str(tmp_path))  # a directory, but no adapter in it
+    assert err.value.field_violations[0].field == "path"
+    with pytest.raises(genloom.NotFoundError):
+        await client.inference.load_adapter("broken", str(tmp_path / "missing"))
     still = await client.inference.generate(QUESTION, max_new_tokens=12, temperature=0)
     assert still.token_ids == base.token_ids  # a refused adapter did not harm the engine
 

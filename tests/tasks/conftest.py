@@ -46,15 +46,17 @@ async def start_stack(
     data_root: Path,
     window: int = 0,
     tokenizer_model: str = DEFAULT_MODEL,
+    adapter_roots: str = "",
     **task_settings: Any,
 ) -> TaskStack:
     """`tokenizer_model`: what the tokenizer service serves as its default model (the inference service always
-    serves `engine`): a directory with the same vocabulary but no chat template exercises plain-text prompts."""
+    serves `engine`): a directory with the same vocabulary but no chat template exercises plain-text prompts.
+    `adapter_roots`: where LoadAdapter may read adapters from (GENLOOM_ADAPTER_ROOTS; none by default)."""
     models = ModelSettings(model=DEFAULT_MODEL, model_cache=model_dir.parent, max_model_len=window)
     tokenizer_models = ModelSettings(model=tokenizer_model, model_cache=model_dir.parent, max_model_len=window)
     services = [
         TokenizerServicer.from_settings(tokenizer_models, TokenizerSettings()),
-        InferenceServicer(models, InferenceSettings(), engine=engine),
+        InferenceServicer(models, InferenceSettings(adapter_roots=adapter_roots), engine=engine),
         TaskServicer(TasksSettings(data_root=data_root, **task_settings)),
     ]
     server = GenloomServer(ServerSettings(port=0, shutdown_grace=1.0), services)

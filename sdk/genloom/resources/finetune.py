@@ -20,7 +20,15 @@ from typing import Any, Generic, TypeVar
 import grpc
 
 from genloom._exceptions import APIStatusError, GenLoomError, UnavailableError, error_from_rpc
-from genloom._transport import _DEFAULT, INITIAL_BACKOFF, MAX_BACKOFF, AsyncTransport, SyncTransport, backoff_delay
+from genloom._transport import (
+    _DEFAULT,
+    INITIAL_BACKOFF,
+    MAX_BACKOFF,
+    AsyncTransport,
+    SyncTransport,
+    backoff_delay,
+    is_retryable,
+)
 from genloom.types.finetune import (
     JOB_STATES,
     SORT_ORDERS,
@@ -58,15 +66,9 @@ DEFAULT_MAX_RECONNECTS = 8
 """Consecutive reconnections `watch()` tries without receiving an event (about a minute of backoff) before it
 raises: long enough for a server restart, short enough to notice one that is gone."""
 # Codes after which the same WatchJob is worth reopening: the connection or server went away (UNAVAILABLE), the
-# server cancelled the call while shutting down (CANCELLED, when not our own close()), or asked to slow down.
-_RECONNECT = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-    }
-)
+# server cancelled the call while shutting down (CANCELLED, when not our own close()); and, through is_retryable,
+# the server's overload answer (not every RESOURCE_EXHAUSTED: a status over the metadata limit would come back).
+_RECONNECT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED})
 _TERMINAL_SETTLE_POLLS = 10
 _TERMINAL_SETTLE_DELAY = 0.2
 
@@ -305,7 +307,11 @@ class _WatchState:
             if self._closed:
                 raise error
             code = error.code
-            retryable = code in _RECONNECT or (code == grpc.StatusCode.INTERNAL and "RST_STREAM" in error.message)
+            retryable = (
+                code in _RECONNECT
+                or is_retryable(error)
+                or (code == grpc.StatusCode.INTERNAL and "RST_STREAM" in error.message)
+            )
             if code == grpc.StatusCode.DEADLINE_EXCEEDED and self._deadline is not None:
                 self._remaining()
             if not retryable:

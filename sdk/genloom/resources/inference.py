@@ -264,7 +264,9 @@ class Inference:
     def load_adapter(
         self, name: str, path: str, *, replace: bool = False, timeout: float | None = _DEFAULT
     ) -> AdapterInfo:
-        """Load a PEFT LoRA adapter directory (on the server) under `name`."""
+        """Load a PEFT LoRA adapter directory (on the server) under `name`. The server only reads adapters inside
+        its GENLOOM_ADAPTER_ROOTS (none by default: PermissionDeniedError); a relative `path` is taken relative to
+        the first root. Fine-tuned models need no loading: name them ("ft:...") in a request."""
         request = inference_pb2.LoadAdapterRequest(name=name, path=path, replace=replace)
         return AdapterInfo.from_pb(self._t.unary(self._stub.LoadAdapter, request, timeout=timeout).adapter)
 

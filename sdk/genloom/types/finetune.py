@@ -591,6 +591,10 @@ def records_to_jsonl(records: Iterable[TrainingRecord]) -> bytes:
     return ("\n".join(lines) + "\n").encode("utf-8")
 
 
+# How job records name data that was sent inline (upload:<job-or-sweep-id>/<name>.jsonl).
+UPLOAD_PREFIX = "upload:"
+
+
 def training_data_to_pb(data: TrainingFile, *, send_path: bool, what: str) -> finetune_pb2.TrainingDataSource:
     """A TrainingDataSource: bytes and records inline; a path read here and sent inline, or sent as a path."""
     if isinstance(data, bytes | bytearray | memoryview):
@@ -600,6 +604,12 @@ def training_data_to_pb(data: TrainingFile, *, send_path: bool, what: str) -> fi
     if isinstance(data, str | os.PathLike):
         path = os.fspath(data)
         if send_path:
+            if path.startswith(UPLOAD_PREFIX):
+                # A job record's name for data that was sent inline: servers keep it private to that job.
+                raise ValueError(
+                    f"{what}: {path[:80]!r} is data uploaded with another job, which only that job may read; "
+                    "pass the data itself again (a local file, bytes or records)"
+                )
             return finetune_pb2.TrainingDataSource(path=path)
         try:
             return finetune_pb2.TrainingDataSource(jsonl=Path(path).read_bytes())

@@ -275,7 +275,7 @@ class AdapterInfo:
     name: str
     """The name requests use."""
     path: str
-    """Its directory on the server."""
+    """The path it was loaded from, as given to `load_adapter`; empty for a fine-tuned model's adapter."""
     base_model: str
     """The model it applies to."""
     rank: int

@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import gc
 import importlib.util
 import itertools
@@ -77,12 +78,15 @@ from genloom.services.inference.engine import (
     EngineError,
     EngineInfo,
     EngineOutput,
+    EngineOverloadedError,
     EngineRequest,
     FinishReason,
+    RequestFailedError,
     SamplingOptions,
     ScoreQuery,
     TokenLogprob,
 )
+from genloom.services.inference.sampling import for_engine, option_problems
 from genloom.services.inference.settings import InferenceSettings
 
 logger = logging.getLogger(__name__)
@@ -345,6 +349,7 @@ class HFEngine(Engine):
         # registered unless the stream is actually consumed.
         self._check_alive()
         max_new_tokens = self._validate(request)
+        request = dataclasses.replace(request, sampling=for_engine(request.sampling))
         s = request.sampling
         req = _Request(
             request=request,
@@ -389,12 +394,9 @@ class HFEngine(Engine):
         window = self.info().context_window
         if len(prompt) >= window:
             raise EngineError(f"the prompt has {len(prompt)} tokens; the context window is {window}")
-        if s.max_new_tokens < 1:
-            raise EngineError("max_new_tokens must be at least 1")
-        if s.temperature < 0 or s.top_k < 0 or not 0 < s.top_p <= 1 or s.repetition_penalty <= 0:
-            raise EngineError("temperature >= 0, top_k >= 0, 0 < top_p <= 1 and repetition_penalty > 0 are required")
-        if s.min_new_tokens < 0 or (s.logprobs is not None and s.logprobs < 0):
-            raise EngineError("min_new_tokens and logprobs must be >= 0")
+        problems = option_problems(s, self._vocab_size)
+        if problems:
+            raise EngineError(f"request {request.request_id!r}: " + "; ".join(problems))
         if request.adapter is not None and request.adapter not in self._adapters:
             raise AdapterError(f"unknown adapter {request.adapter!r}")
         return min(s.max_new_tokens, window - len(prompt))
@@ -601,10 +603,16 @@ class HFEngine(Engine):
                 logits_to_keep=1,
             )
         except Exception as exc:
-            # A prompt the device can't hold (out of memory) fails its requests, not the engine.
+            # A prompt the device can't hold (out of memory) fails its requests, not the engine. Neither is the
+            # caller's mistake: out of memory is RESOURCE_EXHAUSTED (may fit later), anything else INTERNAL.
             logger.exception("prefill of %d requests failed", len(reqs))
+            error: EngineError = (
+                EngineOverloadedError("the prompt did not fit in device memory; retry later or shorten it")
+                if isinstance(exc, torch.OutOfMemoryError)
+                else RequestFailedError("prefill failed")
+            )
             for r in reqs:
-                self._fail(r, EngineError(f"prefill failed: {exc}"))
+                self._fail(r, error)
             return
         tokens = self._sample_and_emit(reqs, out.logits[:, -1, :])
         self._batch.merge(reqs, cache, lengths, tokens)
@@ -625,23 +633,41 @@ class HFEngine(Engine):
         batch.next_tokens = self._sample_and_emit(batch.rows, out.logits[:, -1, :])
 
     def _sample_and_emit(self, rows: list[_Request], logits: torch.Tensor) -> torch.Tensor:
-        """Pick each row's next token, publish it, and return the tokens (CPU) to feed into the next step."""
+        """Pick each row's next token, publish it, and return the tokens (CPU) to feed into the next step.
+
+        A row whose numbers go wrong fails alone: its request ends with an error (RequestFailedError when the
+        model's own logits are not finite, EngineError when its sampling parameters made them so) and the other
+        rows get their tokens; the failed row is dropped at the next step boundary."""
         logits = logits.float()  # generate samples in float32 whatever the model's dtype
-        chosen = torch.empty(len(rows), dtype=torch.long, device=logits.device)
-        plain = [i for i, r in enumerate(rows) if r.sampling.greedy and not r.processors]
+        # One reduction finds every broken row: the max is NaN if any logit is, +inf if any is, and -inf only if
+        # all are; each of those would make the softmax NaN.
+        finite = torch.isfinite(logits.amax(-1)).tolist()
+        bad_logits = {i for i, ok in enumerate(finite) if not ok}
+        failed: dict[int, EngineError] = {}
+        for i in bad_logits:
+            failed[i] = RequestFailedError(f"request {rows[i].request.request_id}: the model gave non-finite logits")
+        chosen = torch.full((len(rows),), self._pad_id, dtype=torch.long, device=logits.device)
+        plain = [i for i, r in enumerate(rows) if r.sampling.greedy and not r.processors and i not in failed]
         if plain:
             chosen[plain] = logits[plain].argmax(-1)
         for i, r in enumerate(rows):
-            if r.sampling.greedy and not r.processors:
+            if i in failed or (r.sampling.greedy and not r.processors):
                 continue
-            scores = logits[i : i + 1]
-            if r.processors:
-                scores = r.processors(torch.tensor([r.token_ids], device=logits.device), scores)
-            if r.generator is None:
-                chosen[i] = scores.argmax(-1)[0]
+            try:
+                token = self._sample_row(r, logits[i : i + 1])
+            except Exception as exc:
+                logger.exception("sampling failed for request %s", r.request.request_id)
+                failed[i] = RequestFailedError(f"request {r.request.request_id}: sampling raised {exc!r}")
+                continue
+            if token is None:
+                s = r.sampling
+                failed[i] = EngineError(
+                    f"request {r.request.request_id}: its sampling parameters (temperature {s.temperature:.6g}, "
+                    f"repetition_penalty {s.repetition_penalty:.6g}) made the next-token scores non-finite"
+                )
             else:
-                chosen[i] = torch.multinomial(scores.softmax(-1), 1, generator=r.generator)[0, 0]
-        wants_logprobs = [i for i, r in enumerate(rows) if r.sampling.logprobs is not None]
+                chosen[i] = token
+        wants_logprobs = [i for i, r in enumerate(rows) if r.sampling.logprobs is not None and i not in failed]
         logprobs: dict[int, TokenLogprob] = {}
         if wants_logprobs:
             raw = torch.log_softmax(logits[wants_logprobs], dim=-1)
@@ -653,9 +679,26 @@ class HFEngine(Engine):
                     values, indices = torch.topk(raw[j], min(n, raw.shape[-1]))
                     top = tuple(zip(indices.tolist(), values.tolist(), strict=True))
                 logprobs[i] = TokenLogprob(int(chosen[i]), picked[j], top)
+        for i, error in failed.items():
+            if not isinstance(error, RequestFailedError) or i in bad_logits:
+                logger.warning("%s", error)  # the exceptions were logged with their tracebacks above
+            self._fail(rows[i], error)  # done now: _emit skips it, drop_done removes its row
         tokens = chosen.cpu()
         self._emit(rows, tokens.tolist(), logprobs)
         return tokens
+
+    @staticmethod
+    def _sample_row(r: _Request, logits: torch.Tensor) -> torch.Tensor | None:
+        """One row's token through its processors and generator; None when they left no finite score to pick
+        from (checked before torch.multinomial, which raises on NaN on the CPU and asserts on a GPU)."""
+        scores = logits
+        if r.processors:
+            scores = r.processors(torch.tensor([r.token_ids], device=logits.device), scores)
+        if not bool(torch.isfinite(scores.amax(-1)).all()):
+            return None
+        if r.generator is None:
+            return scores.argmax(-1)[0]
+        return torch.multinomial(scores.softmax(-1), 1, generator=r.generator)[0, 0]
 
     def _emit(self, rows: list[_Request], tokens: list[int], logprobs: dict[int, TokenLogprob]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, EngineOutput]]] = defaultdict(list)

