@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,12 @@ from genloom.services.inference.settings import InferenceSettings
 from genloom.services.models.registry import ModelRegistry, ModelSpec
 from genloom.services.server.app import GenloomServer
 from genloom.services.server.errors import InvalidArgument, NotFound, PermissionDenied, quote
-from genloom.services.server.settings import ModelSettings, ServerSettings
+from genloom.services.server.settings import ModelSettings, ServerSettings, SettingsError
 from genloom.services.tokenizer.servicer import TokenizerServicer
 from genloom.services.tokenizer.settings import TokenizerSettings
 from genloom.services.tokenizer.store import LoadedTokenizer, TokenizerStore, load_tokenizer
 from genloom.v1 import (
+    common_pb2,
     finetune_pb2,
     finetune_pb2_grpc,
     inference_pb2,
@@ -339,3 +341,139 @@ async def test_concurrent_first_requests_for_spellings_of_one_directory_load_it_
         assert [t.name for t in store.loaded()] == ["./m2"]
     finally:
         await store.close()
+
+
+async def test_callers_sharing_a_failed_load_each_see_their_own_spelling_and_field(
+    default_model_dir: Path, model_root: Path
+) -> None:
+    # Review finding 12: the shared load built its refusal from the first caller's spelling and field, so every
+    # concurrent caller was shown another client's input.
+    resolved = 0
+    release = threading.Event()
+
+    class CountingRegistry(ModelRegistry):
+        def resolve(self, name: str, field: str = "model") -> ModelSpec:
+            nonlocal resolved
+            spec = super().resolve(name, field)
+            resolved += 1
+            return spec
+
+    def held_loader(spec: ModelSpec, max_model_len: int) -> LoadedTokenizer:
+        release.wait(60)  # until every caller has joined this load
+        return load_tokenizer(spec, max_model_len)
+
+    store = TokenizerStore(CountingRegistry(model_settings(default_model_dir, model_root)), loader=held_loader)
+    callers = [("./broken", "model"), ("broken/.", "spec.base_model"), (f"{model_root}/m1/../broken", "items[3].model")]
+    try:
+        tasks = [asyncio.create_task(store.get(spelling, field)) for spelling, field in callers]
+        while resolved < len(callers):
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # each resumes from its resolve and joins the load under way
+        release.set()
+        errors = await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        release.set()
+        await store.close()
+    for (spelling, field), err in zip(callers, errors, strict=True):
+        assert isinstance(err, InvalidArgument), err
+        assert err.violations[0].field == field
+        assert err.message == f"{field}: model path {quote(spelling)} holds no tokenizer this server can load"
+
+
+# -- a default model configured as a directory is served under the directory's name (review finding 11) ----------
+
+
+def test_a_default_model_directory_is_named_after_the_directory(default_model_dir: Path, model_root: Path) -> None:
+    directory = model_root / "m1"
+    for allow in (False, True):
+        for spelling in (str(directory), str(directory) + "/", f"{model_root}/m2/../m1"):
+            registry = ModelRegistry(
+                model_settings(default_model_dir, model_root, model=spelling, allow_model_paths=allow)
+            )
+            assert registry.default_name == "m1" and registry.configured_names() == ["m1", "tiny"]
+            for requested in ("", "m1", spelling):  # the operator's own spelling stays a way to ask for it
+                spec = registry.resolve(requested)
+                assert spec.name == "m1" and spec.path.resolve() == directory, requested
+                assert registry.name_of(requested) == "m1"
+            with pytest.raises(NotFound) as caught:
+                registry.resolve("gpt-5")
+            assert caught.value.message.endswith("known models: m1, smollm2-135m-instruct, tiny")
+    # A configured name for the same directory wins; a name already taken by another model is the operator's to fix.
+    named = ModelRegistry(model_settings(default_model_dir, model_root, model=str(model_root / "configured")))
+    assert named.default_name == "tiny" and named.resolve("").name == "tiny"
+    with pytest.raises(SettingsError, match=r"GENLOOM_MODEL=.* would be served as 'm1', which is already another"):
+        ModelRegistry(model_settings(default_model_dir, model_root, model=str(directory), models=f"m1={model_root}/m2"))
+
+
+@pytest.fixture(scope="module")
+def served_dir(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model root holding "mymodel": the default model's files, linked (the shared hf engine serves its weights)."""
+    directory = tmp_path_factory.mktemp("served-root") / "mymodel"
+    directory.mkdir()
+    for file in default_model_dir.iterdir():
+        (directory / file.name).symlink_to(file)
+    return directory
+
+
+@pytest.mark.parametrize("allow", [False, True])
+async def test_a_default_model_directory_is_served_by_name_never_by_path(
+    hf_engine: Any, default_model_dir: Path, served_dir: Path, allow: bool
+) -> None:
+    # Review finding 11: GENLOOM_MODEL=/srv/.../mymodel made the path the model's name, shown by ListModels,
+    # GetModelInfo, ListTokenizers and every NOT_FOUND ("this server serves '/srv/...'").
+    root = served_dir.parent
+    models = ModelSettings(
+        model=str(served_dir),
+        model_cache=default_model_dir.parent,
+        allow_model_paths=allow,
+        model_roots=str(root),
+    )
+    services = [
+        TokenizerServicer.from_settings(models, TokenizerSettings()),
+        InferenceServicer(models, InferenceSettings(), engine=hf_engine),
+    ]
+    server = GenloomServer(ServerSettings(port=0, shutdown_grace=1.0), services)
+    await server.start()
+    await server.wait_ready()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        inference = inference_pb2_grpc.InferenceServiceStub(channel)
+        tokenizer = tokenizer_pb2_grpc.TokenizerServiceStub(channel)
+        listed_models = (await inference.ListModels(inference_pb2.ListModelsRequest(), timeout=30)).models
+        assert [(m.name, m.is_default) for m in listed_models] == [("mymodel", True)]
+        tokenizers = (await tokenizer.ListTokenizers(tokenizer_pb2.ListTokenizersRequest(), timeout=30)).tokenizers
+        assert [(t.model, t.is_default) for t in tokenizers] == [("mymodel", True)]
+        # Every way to ask for it: the default, its name, GENLOOM_MODEL's own value, and (paths on) other spellings.
+        spellings = ["", "mymodel", str(served_dir)] + (["./mymodel", f"{root}/./mymodel/"] if allow else [])
+        for spelling in spellings:
+            shown = await inference.GetModelInfo(inference_pb2.GetModelInfoRequest(model=spelling), timeout=30)
+            assert (shown.name, shown.is_default) == ("mymodel", True), spelling
+            got = await tokenizer.GetTokenizerInfo(tokenizer_pb2.GetTokenizerInfoRequest(model=spelling), timeout=60)
+            assert got.model == "mymodel", spelling
+            generated = await inference.Generate(
+                inference_pb2.GenerateRequest(
+                    model=common_pb2.ModelRef(model=spelling),
+                    prompt=inference_pb2.Prompt(text="Hello"),
+                    sampling=inference_pb2.SamplingParams(max_new_tokens=1),
+                ),
+                timeout=120,
+            )
+            assert generated.model.model == "mymodel", spelling
+        # Other names and paths are still refused, and no answer names the server's directory.
+        refusals = [("other", grpc.StatusCode.NOT_FOUND)]
+        if allow:  # a model directory outside the roots
+            refusals.append((str(default_model_dir), grpc.StatusCode.PERMISSION_DENIED))
+        else:  # any path but GENLOOM_MODEL's own value is a name this server does not serve
+            refusals += [("./mymodel", grpc.StatusCode.NOT_FOUND), (f"{root}/./mymodel", grpc.StatusCode.NOT_FOUND)]
+        for spelling, code in refusals:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await inference.GetModelInfo(inference_pb2.GetModelInfoRequest(model=spelling), timeout=30)
+            details = caught.value.details() or ""
+            assert caught.value.code() == code, details
+            shown = details.replace(quote(spelling), "<model>")  # the client's own spelling may be echoed
+            assert str(root) not in shown and "/mymodel" not in shown, details
+            if code == grpc.StatusCode.NOT_FOUND:
+                assert details.endswith("this server serves 'mymodel'"), details
+    finally:
+        await channel.close()
+        await server.stop(1.0)

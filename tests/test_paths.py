@@ -68,6 +68,29 @@ def test_symlinks_are_resolved_before_the_containment_check(root: Path) -> None:
     assert resolve("data.txt", root.parent / "root-link") == root / "data.txt"
 
 
+def test_whether_a_component_outside_the_roots_is_a_symlink_changes_no_answer(root: Path, tmp_path: Path) -> None:
+    # Review finding 13: only the symlink-resolved path was checked, so "outside/../root/x" was looked up through
+    # "outside": inside when it is a directory, outside when it is a link elsewhere (or back into the root).
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "deep" / "er").mkdir(parents=True)
+    os.symlink(tmp_path / "deep" / "er", tmp_path / "away")  # points elsewhere outside the root
+    os.symlink(root / "sub", tmp_path / "into")  # points into the root
+    for component in ("plain", "away", "into", "absent"):
+        # Inside the root on paper: the outside component is never looked up.
+        assert resolve(f"{tmp_path}/{component}/../root/data.txt", root) == root / "data.txt", component
+        # Outside on paper: refused before anything is looked up, link into the root or not.
+        for path in (f"{tmp_path}/{component}/../data.txt", f"../{component}/../data.txt", f"../{component}/x"):
+            err = refusal(path, root)
+            assert isinstance(err, PermissionDenied), path
+            assert err.message == f"path: {quote(path)} is outside the directories this server allows ({SETTING})"
+
+
+def test_a_root_configured_through_a_symlink_accepts_either_spelling(root: Path, tmp_path: Path) -> None:
+    os.symlink(root, tmp_path / "root-link")
+    for path in (f"{tmp_path}/root-link/data.txt", f"{root}/data.txt", "data.txt"):
+        assert resolve(path, tmp_path / "root-link") == root / "data.txt", path
+
+
 def test_any_of_several_roots_contains(root: Path, tmp_path: Path) -> None:
     other = tmp_path / "secret-dir"
     (other / "x.txt").write_text("x")

@@ -34,6 +34,10 @@ from genloom.services.finetune.settings import FinetuneSettings
 from genloom.services.server.errors import FieldViolation
 from genloom.v1 import finetune_pb2
 
+# Optuna's records go through the server's logging (format, level, request ids), not a stderr handler of its own.
+optuna.logging.disable_default_handler()
+optuna.logging.enable_propagation()
+
 MAX_DIMENSIONS = 16
 MAX_CHOICES = 64
 MIN_GRID_POINTS = 2

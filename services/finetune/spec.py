@@ -304,6 +304,9 @@ class Checks(Violations):
                 "required for DATA_FORMAT_TASK_RECORDS: TASK_TYPE_CLASSIFY, _SUMMARIZE or _ANSWER",
             )
             self.task_options(spec.task, spec.task_options, f"{field}.task_options")
+        elif spec.HasField("task_options"):
+            # Unused by other formats, yet stored and shown on the job: unknown enum values are refused anyway.
+            self.task_options(tasks_pb2.TASK_TYPE_UNSPECIFIED, spec.task_options, f"{field}.task_options")
         self.require(
             SUFFIX.fullmatch(spec.suffix) is not None,
             f"{field}.suffix",
@@ -350,8 +353,9 @@ class Checks(Violations):
         tasks = TaskChecks(TasksSettings())
         if task == tasks_pb2.TASK_TYPE_CLASSIFY and options.labels:
             tasks.labels(options.labels, options.multi_label, f"{field}.labels")
-        if task == tasks_pb2.TASK_TYPE_SUMMARIZE:
-            tasks.enum(options.format, tasks_pb2.SummaryFormat, f"{field}.format")
+        # Every enum is checked whatever the task: a value no RPC accepts is never stored.
+        tasks.enum(options.format, tasks_pb2.SummaryFormat, f"{field}.format")
+        if task == tasks_pb2.TASK_TYPE_SUMMARIZE or options.HasField("target_length"):
             tasks.target_length(options.target_length, f"{field}.target_length")
         self.violations.extend(tasks.violations)
         self.require(
@@ -361,11 +365,10 @@ class Checks(Violations):
         )
 
     def metadata(self, metadata: Any, field: str) -> None:
-        self.require(
-            len(metadata) <= MAX_METADATA_ENTRIES,
-            field,
-            f"{len(metadata)} entries; at most {MAX_METADATA_ENTRIES}",
-        )
+        if len(metadata) > MAX_METADATA_ENTRIES:
+            # Over the limit the entries are not looked at (nor sorted): a request may carry millions of them.
+            self.require(False, field, f"{len(metadata)} entries; at most {MAX_METADATA_ENTRIES}")
+            return
         for key in sorted(metadata):
             if not 1 <= len(key) <= MAX_METADATA_KEY:
                 shown = key[:MAX_METADATA_KEY]
@@ -387,7 +390,7 @@ class Checks(Violations):
             at = f"{field}.{name}"
             value = getattr(hp, name)
             if descriptor.is_repeated:
-                problem = _target_modules_problem(list(value))
+                problem = _target_modules_problem(value)  # counts first: no copy of a huge list
                 self.require(problem is None, at, problem or "")
             elif descriptor.type == FieldDescriptor.TYPE_ENUM:
                 self.enum(value, enum_of(descriptor), at)

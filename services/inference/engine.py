@@ -26,6 +26,11 @@ class EngineError(Exception):
     """A request failed in the engine but the engine is fine (recoverable)."""
 
 
+class SamplingError(EngineError):
+    """An engine refused a request's sampling parameters (its own check, or the runtime's): the caller's to fix,
+    INVALID_ARGUMENT naming the sampling field."""
+
+
 class EngineDeadError(EngineError):
     """The engine can no longer serve anything (fatal): health goes NOT_SERVING, requests get UNAVAILABLE."""
 

@@ -7,7 +7,8 @@ an out-of-memory error). A dead engine it made itself is replaced in-process by 
 - health goes NOT_SERVING at once; calls that were running on the dead engine end UNAVAILABLE with RetryInfo
   (the servicer re-runs, once, a generation that had not produced anything yet: it was still queued);
 - calls that arrive meanwhile wait for the new engine (at most GENLOOM_ENGINE_RESTART_WAIT seconds and never
-  past their deadline), then run on it;
+  past their deadline), then run on it; at most GENLOOM_MAX_QUEUED_REQUESTS of them wait, more are answered
+  UNAVAILABLE with RetryInfo at once;
 - before the new engine is handed out, the `restore` hook loads into it what the old one had (adapters);
 - then health is SERVING again.
 
@@ -31,6 +32,7 @@ import contextlib
 import enum
 import logging
 import time
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
 
@@ -88,6 +90,12 @@ class ServingPool:
         self._restarts: deque[float] = deque()  # monotonic start times of recent restarts
         self._watcher: asyncio.Task[None] | None = None
         self._restarter: asyncio.Task[None] | None = None
+        self._reporter: asyncio.Task[None] | None = None  # brings health in line with the state: _publish()
+        # What health says as far as the pool knows: until the first change, the server's own startup flip.
+        self._reported = True
+        self._discarded: Engine | None = None  # the dead engine _restart shut down (close() must not again)
+        self._replaced: weakref.WeakSet[Engine] = weakref.WeakSet()  # engines the pool has replaced
+        self._waiting = 0  # calls waiting in acquire() for a restart
         self.last_restart_s: float | None = None  # death to serving again, of the last restart
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
@@ -96,21 +104,32 @@ class ServingPool:
         engine = self._given
         if engine is None:
             engine = self._make()
-            await engine.start()
+            try:
+                await engine.start()
+            except BaseException:
+                # A start that failed part way (vLLM's warm-up once its EngineCore process is up) still holds what
+                # it started, and no one else has this engine to shut it down.
+                await self._discard(engine, "an inference engine that failed to start")
+                raise
         self._engine = engine
         self._set_state(PoolState.SERVING)
         self._watcher = asyncio.create_task(self._watch(), name="genloom-engine-health")
         return engine
 
     async def close(self) -> None:
+        """Stop checking and restarting, and shut the engine down (unless given). Never raises: the servicer has
+        more to close after this."""
         self._set_state(PoolState.CLOSED)
         for task in (self._watcher, self._restarter):
             if task is not None and not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        if self._engine is not None and self._given is None:
-            await self._engine.shutdown()
+        # A health report in flight is left to finish (it reports nothing once CLOSED): cancelling it would cancel
+        # the request that awaits it too.
+        engine = self._engine
+        if engine is not None and self._given is None and engine is not self._discarded:
+            await self._discard(engine, "the inference engine")
 
     @property
     def engine(self) -> Engine | None:
@@ -143,12 +162,26 @@ class ServingPool:
         """The engine to run a call on. While the engine restarts, wait for it: at most
         GENLOOM_ENGINE_RESTART_WAIT seconds and at most `time_remaining` (the call's deadline)."""
         if self.state is PoolState.RESTARTING:
+            limit = self.settings.max_queued_requests
+            if self._waiting >= limit:
+                # Each waiter holds its request (and its client's connection) for up to a restart: bounded, as the
+                # engine's own queue is.
+                raise Unavailable(
+                    f"{self._waiting} calls are waiting for the restarting inference engine (limit {limit}, "
+                    "GENLOOM_MAX_QUEUED_REQUESTS); retry shortly",
+                    retry_after=RETRY_AFTER_DEATH_S,
+                )
             wait = self.settings.engine_restart_wait
             if time_remaining is not None:
                 # Answer before the deadline, so the client sees UNAVAILABLE + RetryInfo and not DEADLINE_EXCEEDED.
                 wait = min(wait, max(time_remaining - 0.1, 0.0))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._settled.wait(), wait)
+            self._waiting += 1
+            try:
+                # asyncio.TimeoutError: on Python 3.10 wait_for raises it, and it is not yet the builtin.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._settled.wait(), wait)
+            finally:
+                self._waiting -= 1
         state = self.state
         if state is PoolState.SERVING:
             assert self._engine is not None
@@ -169,8 +202,12 @@ class ServingPool:
         raise Unavailable("the inference service is shutting down")
 
     def will_replace(self, engine: Engine) -> bool:
-        """Whether `engine` is dead and being replaced (a call that failed on it may wait for the new one)."""
-        return engine is self._engine and self.state is PoolState.RESTARTING
+        """Whether a call that failed on `engine` (EngineDeadError) may run again on the pool's engine: `engine` is
+        the dead one being replaced, or one already replaced (its error came late) while the pool serves or
+        restarts again."""
+        if engine is self._engine:
+            return self.state is PoolState.RESTARTING
+        return engine in self._replaced and self.state in (PoolState.SERVING, PoolState.RESTARTING)
 
     # -- deaths and restarts ------------------------------------------------------------------------------------
 
@@ -178,22 +215,24 @@ class ServingPool:
         """`engine` raised EngineDeadError (in a call or a health check)."""
         if engine is not self._engine or self.state is not PoolState.SERVING:
             return  # an engine already replaced, or a death already being handled
-        if not self.restartable:
+        # Everything that must happen happens before the first await: the caller is often a request, which its
+        # client can cancel at any await, and a death without its restart would leave the server wedged.
+        if self.restartable:
+            self._set_state(PoolState.RESTARTING)
+            logger.error("the inference engine died (%s); restarting it", reason)
+            self._restarter = asyncio.create_task(self._restart(engine, reason), name="genloom-engine-restart")
+        else:
             self._set_state(PoolState.DOWN)
             logger.error("the inference engine is not healthy (%s); answering UNAVAILABLE until it is", reason)
-            await self._report(False)
-            return
-        self._set_state(PoolState.RESTARTING)
-        logger.error("the inference engine died (%s); restarting it", reason)
-        await self._report(False)
-        self._restarter = asyncio.create_task(self._restart(engine, reason), name="genloom-engine-restart")
+        await self._publish()
 
     async def _restart(self, dead: Engine, reason: str) -> None:
         died_at = time.monotonic()
         # The dead engine goes first: its memory (a GPU's above all) is what the new one needs.
-        await self._discard(dead)
+        await self._discard(dead, "a dead inference engine")
+        self._discarded = dead
         s = self.settings
-        while True:
+        while self.state is PoolState.RESTARTING:  # close() may have come meanwhile
             now = time.monotonic()
             while self._restarts and now - self._restarts[0] > s.engine_restart_window:
                 self._restarts.popleft()
@@ -211,14 +250,18 @@ class ServingPool:
                     await self._restore(engine)
             except asyncio.CancelledError:
                 if engine is not None:
-                    await self._discard(engine)
+                    await self._discard(engine, "an inference engine started in a cancelled restart")
                 raise
             except Exception as err:
                 logger.exception("restarting the inference engine failed")
                 if engine is not None:
-                    await self._discard(engine)
+                    await self._discard(engine, "an inference engine that failed to restart")
                 reason = f"restart failed: {err!r}"
                 continue
+            if self.state is not PoolState.RESTARTING:
+                await self._discard(engine, "an inference engine restarted while the pool closed")
+                return
+            self._replaced.add(dead)
             self._engine = engine
             self.last_restart_s = time.monotonic() - died_at
             self._set_state(PoolState.SERVING)
@@ -229,7 +272,7 @@ class ServingPool:
                 s.engine_max_restarts,
                 s.engine_restart_window,
             )
-            await self._report(True)
+            await self._publish()
             return
 
     async def _give_up(self, reason: str) -> None:
@@ -242,13 +285,15 @@ class ServingPool:
             len(self._restarts),
             s.engine_restart_window,
         )
-        await self._report(False)
+        await self._publish()
 
-    async def _discard(self, engine: Engine) -> None:
+    async def _discard(self, engine: Engine, what: str) -> None:
+        """Shut `engine` down, at most SHUTDOWN_TIMEOUT_S; a failure is logged, not raised (what follows, a
+        replacement or the rest of a shutdown, must go on)."""
         try:
             await asyncio.wait_for(engine.shutdown(), SHUTDOWN_TIMEOUT_S)
         except Exception:
-            logger.exception("shutting down a dead inference engine failed; starting its replacement anyway")
+            logger.exception("shutting down %s failed", what)
 
     # -- health checks ------------------------------------------------------------------------------------------
 
@@ -274,7 +319,7 @@ class ServingPool:
             if self.state is PoolState.DOWN and engine is self._engine:
                 self._set_state(PoolState.SERVING)
                 logger.info("the inference engine is healthy again")
-                await self._report(True)
+                await self._publish()
 
     def _set_state(self, state: PoolState) -> None:
         self.state = state
@@ -283,6 +328,24 @@ class ServingPool:
         else:
             self._settled.set()
 
-    async def _report(self, serving: bool) -> None:
-        if self._report_health is not None and self.state is not PoolState.CLOSED:
-            await self._report_health(serving)
+    async def _publish(self) -> None:
+        """Bring the service's health in line with the state. The report runs in a task of the pool's own, which
+        the caller awaits shielded: a caller cancelled meanwhile (a request whose client hung up) can't leave health
+        SERVING for a dead engine, and reports can't overtake one another (the task reports the latest state until
+        health says it)."""
+        if self._report_health is None:
+            return
+        if self._reporter is None or self._reporter.done():
+            self._reporter = asyncio.create_task(self._report_until_settled(), name="genloom-engine-health-report")
+        await asyncio.shield(self._reporter)
+
+    async def _report_until_settled(self) -> None:
+        assert self._report_health is not None
+        while self.state is not PoolState.CLOSED and self._reported is not self.serving:
+            serving = self.serving
+            try:
+                await self._report_health(serving)
+            except Exception:
+                logger.exception("reporting the inference engine's health failed")
+                return
+            self._reported = serving

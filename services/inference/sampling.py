@@ -100,32 +100,27 @@ def check_sampling(
         "repetition_penalty",
         f"{_num(penalty)} is outside {MIN_REPETITION_PENALTY:g} to {MAX_REPETITION_PENALTY:g} (0 = the default, 1.0)",
     )
-    if limits.vocab_size is not None:
+    # Counts before entries, and never more entries than the limit: a request may carry millions of them (a
+    # 64 MiB message), and one violation per entry would hold the event loop and the memory for seconds.
+    stop_limit = limits.max_stop_sequences
+    if stop_limit is not None:
         check(
-            params.top_k <= limits.vocab_size,
-            "top_k",
-            f"{params.top_k} is over the vocabulary size {limits.vocab_size}",
-        )
-    if limits.max_stop_sequences is not None:
-        check(
-            len(params.stop) <= limits.max_stop_sequences,
+            len(params.stop) <= stop_limit,
             "stop",
-            f"{len(params.stop)} stop sequences; the limit is {limits.max_stop_sequences}",
+            f"{len(params.stop)} stop sequences; the limit is {stop_limit}",
         )
-    for i, sequence in enumerate(params.stop):
-        check(0 < len(sequence) <= MAX_STOP_LENGTH, f"stop[{i}]", f"must be 1 to {MAX_STOP_LENGTH} characters")
+    # Without a limit (the task service) the inference service counts them; the entries checked here stay bounded.
+    checked = stop_limit if stop_limit is not None else MAX_STOP_TOKEN_IDS
+    if len(params.stop) <= checked:
+        for i, sequence in enumerate(params.stop):
+            check(0 < len(sequence) <= MAX_STOP_LENGTH, f"stop[{i}]", f"must be 1 to {MAX_STOP_LENGTH} characters")
     check(
         len(params.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
         "stop_token_ids",
         f"{len(params.stop_token_ids)} ids; the limit is {MAX_STOP_TOKEN_IDS}",
     )
     if limits.vocab_size is not None:
-        for i, token in enumerate(params.stop_token_ids):
-            check(
-                token < limits.vocab_size,
-                f"stop_token_ids[{i}]",
-                f"token id {token} is outside the vocabulary (size {limits.vocab_size})",
-            )
+        bad.extend(check_vocabulary(params, limits.vocab_size, field))
     if params.HasField("logprobs") and limits.max_logprobs is not None:
         check(
             params.logprobs <= limits.max_logprobs,
@@ -139,6 +134,26 @@ def check_sampling(
             "min_new_tokens",
             f"{params.min_new_tokens} is more than max_new_tokens ({max_new})",
         )
+    return bad
+
+
+def check_vocabulary(
+    params: inference_pb2.SamplingParams, vocab_size: int, field: str = "sampling"
+) -> list[FieldViolation]:
+    """The checks that need the model's vocabulary: top_k and each stop token id (only when there are no more ids
+    than the limit: over it, check_sampling has already said so and the entries are not looked at)."""
+    bad: list[FieldViolation] = []
+    if params.top_k > vocab_size:
+        bad.append(FieldViolation(f"{field}.top_k", f"{params.top_k} is over the vocabulary size {vocab_size}"))
+    if len(params.stop_token_ids) <= MAX_STOP_TOKEN_IDS:
+        for i, token in enumerate(params.stop_token_ids):
+            if token >= vocab_size:
+                bad.append(
+                    FieldViolation(
+                        f"{field}.stop_token_ids[{i}]",
+                        f"token id {token} is outside the vocabulary (size {vocab_size})",
+                    )
+                )
     return bad
 
 

@@ -51,6 +51,7 @@ from genloom.services.inference.engine import (
     EngineRequest,
     FinishReason,
     RequestFailedError,
+    SamplingError,
     SamplingOptions,
     ScoreQuery,
 )
@@ -58,7 +59,7 @@ from genloom.services.inference.pool import RETRY_AFTER_DEATH_S, ServingPool
 from genloom.services.inference.sampling import SamplingLimits, sampling_options
 from genloom.services.inference.settings import InferenceSettings
 from genloom.services.inference.text import TextAssembler
-from genloom.services.models.registry import BUILTIN_MODELS, ModelRegistry, ModelSpec
+from genloom.services.models.registry import BUILTIN_MODELS, ModelRegistry, ModelSpec, looks_like_path
 from genloom.services.server.conversation import conversation_messages
 from genloom.services.server.errors import (
     AlreadyExists,
@@ -200,7 +201,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self._given_engine = engine
         self._pool: ServingPool | None = None  # the main engine's lifecycle (restarts after a death): pool.py
         self.tokenizer: LoadedTokenizer | None = None
-        self.model_name = models.model
+        self.model_name = self._registry.default_name
         self._model_dir: Path | None = None
         self._fine_tuned = FineTunedModelResolver(models.redis_url)
         self._serves_base: dict[str, bool] = {}
@@ -253,18 +254,20 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         logger.info("inference engine %s ready for %s", engine.info().engine, spec.name)
 
     async def close(self) -> None:
-        for full in list(self._full_models.values()):
-            await self._stop_full_model(full)
-        engine = self.engine
-        if self._pool is not None:
-            await self._pool.close()  # shuts the engine down unless it was given
-        if engine is not None and self._given_engine is not None:
-            # A shared engine outlives this servicer: take out the fine-tuned adapters it loaded into it.
-            for adapter in [a for a in self._adapters.values() if a.fine_tuned]:
-                with contextlib.suppress(EngineError):
-                    await engine.remove_adapter(adapter.engine_name)
-                self._adapters.pop(adapter.name, None)
-        await self._fine_tuned.close()
+        try:
+            for full in list(self._full_models.values()):
+                await self._stop_full_model(full)
+            engine = self.engine
+            if self._pool is not None:
+                await self._pool.close()  # shuts the engine down unless it was given
+            if engine is not None and self._given_engine is not None:
+                # A shared engine outlives this servicer: take out the fine-tuned adapters it loaded into it.
+                for adapter in [a for a in self._adapters.values() if a.fine_tuned]:
+                    with contextlib.suppress(EngineError):
+                        await engine.remove_adapter(adapter.engine_name)
+                    self._adapters.pop(adapter.name, None)
+        finally:
+            await self._fine_tuned.close()  # its Redis connections, whatever failed above
 
     async def _check_full_models(self) -> None:
         """Run by the pool's health checks: drop full-model engines that died (see _engine_failed)."""
@@ -430,7 +433,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             except EngineOverloadedError as err:
                 raise ResourceExhausted(str(err), retry_after=OVERLOADED_RETRY_AFTER_S) from None
             except EngineError as err:
-                raise InvalidArgument(str(err)) from None
+                # The engine refused what the items ask for (e.g. a remote server's 4xx).
+                raise InvalidArgument.field("items", str(err)) from None
         raise AssertionError("unreachable")
 
     async def Abort(
@@ -504,7 +508,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             await self._check_fine_tuned(fine_tuned, "model", engine)
             kind = inference_pb2.MODEL_KIND_FINE_TUNED_ADAPTER
         else:
-            self._check_model(request.model, "model")
+            await self._check_model(request.model, "model")
         if fine_tuned is not None and fine_tuned.method == "full":
             kind = inference_pb2.MODEL_KIND_FINE_TUNED_FULL
             # Described without starting its engine: until a request starts one, the main engine's kind and
@@ -559,7 +563,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         if not request.path:
             raise InvalidArgument.field("path", "is required: a PEFT LoRA adapter directory on the server")
         if request.base_model:
-            self._check_model(request.base_model, "base_model")
+            await self._check_model(request.base_model, "base_model")
         if not engine.info().supports_lora:
             raise InvalidArgument("this server's engine does not serve LoRA adapters (GENLOOM_ENABLE_LORA)")
         # Inside GENLOOM_ADAPTER_ROOTS, containment before existence; messages name the client's string only.
@@ -576,7 +580,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     max_rank=engine.info().max_lora_rank,
                     label=label,
                 )
-                spec = dataclasses.replace(spec, shown_path=request.path)
+            except AdapterError as err:
+                # Our own checks name the directory by the client's spelling (label) only.
+                message = str(err)
+                raise InvalidArgument(message, [FieldViolation("path", message)]) from None
+            spec = dataclasses.replace(spec, shown_path=request.path)
+            try:
                 if name in self._adapters:
                     await engine.remove_adapter(name)
                     del self._adapters[name]
@@ -584,10 +593,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     await self._make_room(engine)
                 await engine.add_adapter(name, str(spec.path))
             except AdapterError as err:
-                # Engines name the directory in their messages: the client sees its own spelling instead.
-                if str(directory) in str(err):
-                    logger.warning("adapter %s from %s refused: %s", name, directory, err)
-                message = str(err).replace(str(directory), label)
+                # An engine's (PEFT's, vLLM's, a remote server's) text can name server paths: the log keeps it.
+                logger.warning("adapter %s from %s refused by the engine: %s", name, directory, err)
+                message = f"{label} could not be loaded into the engine (the server log has the details)"
                 raise InvalidArgument(message, [FieldViolation("path", message)]) from None
             except EngineDeadError as err:
                 await self._engine_failed(engine, str(err))
@@ -626,7 +634,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     ) -> inference_pb2.ListAdaptersResponse:
         self._ready()
         if request.base_model:
-            self._check_model(request.base_model, "base_model")
+            await self._check_model(request.base_model, "base_model")
         return inference_pb2.ListAdaptersResponse(adapters=[self._adapter_pb(a) for a in self._adapters.values()])
 
     # -- generation -----------------------------------------------------------------------------------------------
@@ -706,8 +714,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 last = output
                 if output.finish_reason is not None or g.assembler.stop_sequence is not None:
                     break
-        except EngineDeadError as err:
-            await self._engine_failed(engine, str(err))
+        except EngineDeadError:
+            # _outputs has told the pool (about the engine the request last ran on, which may not be g.engine).
             raise Unavailable(
                 "the inference engine died while generating; retry shortly", retry_after=RETRY_AFTER_DEATH_S
             ) from None
@@ -720,8 +728,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             ) from None
         except EngineOverloadedError as err:
             raise ResourceExhausted(str(err), retry_after=OVERLOADED_RETRY_AFTER_S) from None
+        except SamplingError as err:
+            raise InvalidArgument.field("sampling", str(err)) from None
         except EngineError as err:
-            raise InvalidArgument(str(err)) from None
+            # Any other refusal is about the prompt (e.g. a remote server's 4xx): the engine checked nothing else.
+            raise InvalidArgument.field("prompt", str(err)) from None
         finally:
             await stream.aclose()  # aborts the request in the engine if it is still running
             self._in_flight.pop(g.request_id, None)
@@ -776,9 +787,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def _replacing(self, engine: Engine) -> bool:
         return self._pool is not None and self._pool.will_replace(engine)
 
-    def _check_model(self, name: str, field: str) -> None:
-        if name and name != self.model_name:
-            raise NotFound(
+    async def _check_model(self, name: str, field: str) -> None:
+        if not name or name == self.model_name:
+            return
+        # Another spelling of the served model (GENLOOM_MODEL's own value; with GENLOOM_ALLOW_MODEL_PATHS, a path
+        # to its directory): a path lookup, so off the event loop; refused paths are refused as the tokenizer does.
+        if looks_like_path(name) and await asyncio.to_thread(self._registry.name_of, name, field) == self.model_name:
+            return
+        raise NotFound(
                 f"{field}: model {quote(name)} is not served here; this server serves {quote(self.model_name)}"
             )
 
@@ -806,7 +822,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     echo, engine, tok, adapter=await self._fine_tuned_adapter(ref.model, "model.model", engine)
                 )
         elif is_fine_tuned(ref.adapter):
-            self._check_model(ref.model, "model.model")
+            await self._check_model(ref.model, "model.model")
             resolved = ResolvedModel(
                 common_pb2.ModelRef(model=self.model_name, adapter=ref.adapter),
                 engine,
@@ -814,7 +830,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 adapter=await self._fine_tuned_adapter(ref.adapter, "model.adapter", engine),
             )
         else:
-            self._check_model(ref.model, "model.model")
+            await self._check_model(ref.model, "model.model")
             adapter = self._adapters.get(ref.adapter) if ref.adapter else None
             if ref.adapter and adapter is None:
                 raise NotFound(f"model.adapter: no adapter named {quote(ref.adapter)} is loaded (see ListAdapters)")

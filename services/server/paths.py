@@ -4,7 +4,9 @@ Every RPC that takes a path (datasets, training data, adapters, model directorie
 so the rules are the same everywhere:
 - a relative path is taken relative to the first root, never to the server's working directory (nor to a home
   directory: a leading `~` is a name like any other);
-- symlinks and `..` are resolved first, and the result must lie inside one of the roots;
+- `..` is resolved on paper first, and that spelling must lie inside one of the roots, so no component outside
+  the roots is ever looked up (whether one is a symlink changes no answer); then symlinks are resolved, and the
+  result must lie inside one of the roots too;
 - only then is existence checked, so the answer for a path outside the roots is the same whether or not it
   exists (no oracle for the rest of the disk);
 - OS errors (a name too long, a NUL byte, a loop of links) are the client's: INVALID_ARGUMENT, never INTERNAL;
@@ -58,14 +60,20 @@ def resolve_within(
         hint = f": set {setting}" if setting else ""
         raise PermissionDenied(f"{field}: paths on the server are not allowed here{hint}")
     bases = [canonical(root) for root in roots]
+    # A root may be configured through a symlink: its own spelling counts as inside as well as its target.
+    spelled = [*bases, *(Path(os.path.normpath(os.path.abspath(os.path.expanduser(root)))) for root in roots)]
     try:
         # The client's "~" is a plain name, never expanded: "~user" would look up the server's accounts (an
         # oracle for which users exist) and is nothing a client can know about anyway.
         candidate = Path(path)
-        resolved = Path(os.path.realpath(candidate if candidate.is_absolute() else bases[0] / candidate))
+        on_paper = Path(os.path.normpath(candidate if candidate.is_absolute() else bases[0] / candidate))
+        # Only a spelling inside a root reaches the disk: realpath of "outside/../root/x" would look up "outside"
+        # and answer differently when it is a symlink.
+        inside = _within(on_paper, spelled)
+        resolved = Path(os.path.realpath(on_paper)) if inside else on_paper
     except (OSError, ValueError, RuntimeError) as err:
         raise InvalidArgument.field(field, f"{quote(path)} is not a usable path: {_reason(err)}") from None
-    if not any(resolved == base or resolved.is_relative_to(base) for base in bases):
+    if not inside or not _within(resolved, bases):
         where = f" ({setting})" if setting else ""
         raise PermissionDenied(f"{field}: {quote(path)} is outside the directories this server allows{where}")
     try:
@@ -83,6 +91,10 @@ def resolve_within(
     if kind == "dir" and not stat.S_ISDIR(mode):
         raise InvalidArgument.field(field, f"{quote(path)} is not a directory")
     return resolved
+
+
+def _within(path: Path, bases: Sequence[Path]) -> bool:
+    return any(path == base or path.is_relative_to(base) for base in bases)
 
 
 def _reason(err: BaseException) -> str:

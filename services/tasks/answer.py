@@ -26,7 +26,8 @@ class AnswerOptions:
 
     @property
     def max_new_tokens(self) -> int:
-        return self.sampling.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+        # Without a max the task's budget, raised to the caller's min_new_tokens (inference refuses min > max).
+        return self.sampling.max_new_tokens or max(DEFAULT_MAX_NEW_TOKENS, self.sampling.min_new_tokens)
 
     def prompt(self, question: str, context: str) -> PromptSpec:
         # Examples that show "unanswerable" appear only when the model is allowed to say so.

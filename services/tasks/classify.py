@@ -310,6 +310,8 @@ async def _generate(
     else:
         longest = await _label_tokens(ctx, [reply_prefix(ctx.chat) + n for n in names])
         reserve = longest * len(names) + 2 * len(names) + 4 if options.multi_label else longest + 4
+        # The caller's min_new_tokens is a floor the task's own budget must not undercut (inference would refuse).
+        reserve = max(reserve, options.sampling.min_new_tokens)
     fitted = await _fit(ctx, "classify", options.prompt, text, reserve, options, field, report)
     sampling = sampling_for(options.sampling, reserve, [] if ctx.chat else ["\n"])
     response = await ctx.generate(generate_request(ctx, fitted.ids, sampling))

@@ -147,6 +147,17 @@ class Evaluation:
                 if label not in names
             ]
             InvalidArgument.raise_for(bad[:1])
+        # The sampling checks that need each model's vocabulary: refused here once, not as a failure per item.
+        vocabulary = Checks(s)
+        for config in self.configs:
+            own = config.spec.HasField("sampling")
+            facts = await self.servicer.upstream.model_facts(config.spec.model.model)
+            vocabulary.vocabulary(
+                config.spec.sampling if own else r.sampling,
+                facts.vocab_size,
+                f"configurations[{config.index}].sampling" if own else "sampling",
+            )
+        InvalidArgument.raise_for(vocabulary.violations)
 
     async def _load(self, dataset: tasks_pb2.EvalDataset, field_name: str) -> list[tasks_pb2.EvalRecord]:
         return await load_dataset_async(

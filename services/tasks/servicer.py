@@ -160,9 +160,10 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
     def _check_vocabulary(
         self, params: inference_pb2.SamplingParams, ctx: TaskContext, field: str = "sampling"
     ) -> None:
-        """The sampling checks that need the model's vocabulary (top_k, stop_token_ids), once it is known."""
+        """The sampling checks that need the model's vocabulary (top_k, stop_token_ids), once it is known; the rest
+        ran before the model was asked for."""
         checks = Checks(self.settings)
-        checks.sampling(params, field, vocab_size=ctx.facts.vocab_size)
+        checks.vocabulary(params, ctx.facts.vocab_size, field)
         InvalidArgument.raise_for(checks.violations)
 
     def _summarize_options(self, request: Any, documents: Sequence[str], field: str) -> SummarizeOptions:

@@ -38,7 +38,8 @@ class SummarizeOptions:
     def max_new_tokens(self) -> int:
         if self.sampling.max_new_tokens:
             return self.sampling.max_new_tokens
-        return default_max_new_tokens(self.target)
+        # The task's budget, raised to the caller's min_new_tokens (inference refuses min > max).
+        return max(default_max_new_tokens(self.target), self.sampling.min_new_tokens)
 
     def prompt(self, document: str) -> PromptSpec:
         return summarize_prompt(document, self.examples, target=self.target, fmt=self.fmt, instruction=self.instruction)

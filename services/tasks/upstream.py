@@ -264,6 +264,10 @@ _CALLER_ERRORS: dict[grpc.StatusCode, type[errors.ServiceError]] = {
 }
 
 
+# What gRPC answers when a server's GENLOOM_MAX_CONCURRENT_RPCS is reached: overload without RetryInfo.
+_CONCURRENCY_LIMIT = "Concurrent RPC limit exceeded"
+
+
 def translate(err: grpc.aio.AioRpcError, service: str) -> errors.ServiceError:
     """An upstream failure as the task service's error. The caller's mistakes keep their code (see _CALLER_ERRORS);
     a missing, overloaded or failing dependency is UNAVAILABLE / RESOURCE_EXHAUSTED / INTERNAL with a message of
@@ -290,9 +294,13 @@ def translate(err: grpc.aio.AioRpcError, service: str) -> errors.ServiceError:
     if code == grpc.StatusCode.CANCELLED:
         return errors.Unavailable(f"the call to the {service} service was cancelled; retry")
     retry_after = next((d.retry_delay.ToNanoseconds() / 1e9 for d in status if isinstance(d, RetryInfo)), None)
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and (retry_after is not None or _CONCURRENCY_LIMIT in details):
         logger.info("the %s service is overloaded: %s", service, details)
         return errors.ResourceExhausted(f"the {service} service is overloaded; retry later", retry_after or 1.0)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        # gRPC's own size limits (a message or status too large), not overload: retrying can't help.
+        logger.error("a call to the %s service hit a size limit: %s", service, details)
+        return errors.ServiceError(f"a call to the {service} service exceeded a size limit; the server log has details")
     logger.warning("a call to the %s service failed: %s: %s", service, code.name, details)
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return errors.Unavailable(

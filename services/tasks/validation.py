@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from genloom.services.inference.sampling import SamplingLimits, check_sampling
+from genloom.services.inference.sampling import SamplingLimits, check_sampling, check_vocabulary
 from genloom.services.server.errors import FieldViolation, quote
 from genloom.services.tasks.settings import TasksSettings
 from genloom.v1 import common_pb2, inference_pb2, tasks_pb2
@@ -29,10 +29,11 @@ class Checks:
     def inputs(self, values: Sequence[str], field: str, what: str) -> None:
         limit = self.settings.max_task_inputs
         self.require(bool(values), field, f"at least one {what} is required")
-        self.require(
-            len(values) <= limit, field, f"{len(values)} {what}s; the limit is {limit} (GENLOOM_TASKS_MAX_INPUTS)"
-        )
-        for i, value in enumerate(values[: limit + 1]):
+        if len(values) > limit:
+            # Over the limit the entries are not looked at: a request may carry millions of them.
+            self.require(False, field, f"{len(values)} {what}s; the limit is {limit} (GENLOOM_TASKS_MAX_INPUTS)")
+            return
+        for i, value in enumerate(values):
             self.require(bool(value.strip()), f"{field}[{i}]", f"the {what} is empty")
 
     def enum(self, value: int, enum: object, field: str) -> None:
@@ -60,12 +61,16 @@ class Checks:
             name = tasks_pb2.PromptStrategy.Name(strategy)
             self.require(examples > 0, "examples", f"{name} needs at least one example")
 
-    def sampling(self, params: inference_pb2.SamplingParams, field: str = "sampling", vocab_size: int = 0) -> None:
+    def sampling(self, params: inference_pb2.SamplingParams, field: str = "sampling") -> None:
         """The shared sampling check (the one the inference service runs), so a bad value is refused here with its
         task field named. Left to the inference service: the number of stop sequences (the task adds its own) and
-        logprobs (tasks set it themselves); the vocabulary checks need `vocab_size` (0 = unknown yet)."""
-        limits = SamplingLimits(default_max_new_tokens=None, vocab_size=vocab_size or None)
+        logprobs (tasks set it themselves); the vocabulary checks wait for the model (see `vocabulary`)."""
+        limits = SamplingLimits(default_max_new_tokens=None)
         self.violations.extend(check_sampling(params, limits, field))
+
+    def vocabulary(self, params: inference_pb2.SamplingParams, vocab_size: int, field: str = "sampling") -> None:
+        """The sampling checks that need the model's vocabulary (top_k, stop_token_ids), once it is known."""
+        self.violations.extend(check_vocabulary(params, vocab_size, field))
 
     def chunking(self, options: tasks_pb2.ChunkingOptions, field: str = "chunking") -> None:
         size = options.chunk_tokens
@@ -109,11 +114,11 @@ class Checks:
             ("multi-label classification needs at least 1 label" if multi_label else "at least 2 labels are required")
             + f" (got {len(labels)})",
         )
-        self.require(
-            len(labels) <= limit, field, f"{len(labels)} labels; the limit is {limit} (GENLOOM_TASKS_MAX_LABELS)"
-        )
+        if len(labels) > limit:
+            self.require(False, field, f"{len(labels)} labels; the limit is {limit} (GENLOOM_TASKS_MAX_LABELS)")
+            return
         seen: set[str] = set()
-        for i, label in enumerate(labels[: limit + 1]):
+        for i, label in enumerate(labels):
             name = label.name
             self.require(bool(name.strip()), f"{field}[{i}].name", "is empty")
             self.require(name == name.strip(), f"{field}[{i}].name", "has leading or trailing whitespace")
@@ -141,6 +146,10 @@ class Checks:
                 self.require(
                     len(e.labels) == 1, f"{field}[{i}].labels", f"needs exactly one label (got {len(e.labels)})"
                 )
+            limit = self.settings.max_labels
+            if len(e.labels) > limit:
+                self.require(False, f"{field}[{i}].labels", f"{len(e.labels)} labels; the limit is {limit}")
+                continue
             for j, label in enumerate(e.labels):
                 self.require(
                     label in names, f"{field}[{i}].labels[{j}]", f"{quote(label)} is not one of the request's labels"

@@ -27,6 +27,11 @@ _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length"
 _MAX_FINE_TUNED_NAMES = 1024
 
 
+class _NoTokenizer(Exception):
+    """A client-named model directory holds no tokenizer that loads (the details are in the log). Raised by the load
+    all concurrent callers share, so it carries nothing of any one caller's: each builds its own message."""
+
+
 @dataclass(frozen=True)
 class SpecialTokenInfo:
     kind: str
@@ -174,11 +179,16 @@ class TokenizerStore:
             return loaded
         task = self._loading.get(spec.name)
         if task is None:
-            task = asyncio.create_task(self._load(spec, name, field), name=f"genloom-tokenizer-load:{spec.name}")
+            task = asyncio.create_task(self._load(spec), name=f"genloom-tokenizer-load:{spec.name}")
             self._loading[spec.name] = task
             task.add_done_callback(functools.partial(self._load_ended, spec.name))
-        # Shielded: a cancelled caller does not cancel a load others wait for (and the result is kept).
-        return await asyncio.shield(task)
+        try:
+            # Shielded: a cancelled caller does not cancel a load others wait for (and the result is kept).
+            return await asyncio.shield(task)
+        except _NoTokenizer:
+            raise InvalidArgument.field(
+                field, f"model path {quote(name)} holds no tokenizer this server can load"
+            ) from None
 
     def _hit(self, name: str) -> LoadedTokenizer | None:
         loaded = self._loaded.get(name)
@@ -186,7 +196,7 @@ class TokenizerStore:
             self._loaded.move_to_end(name)
         return loaded
 
-    async def _load(self, spec: ModelSpec, requested: str, field: str) -> LoadedTokenizer:
+    async def _load(self, spec: ModelSpec) -> LoadedTokenizer:
         configured = self.registry.is_configured(spec.name)
         try:
             loaded = await asyncio.to_thread(self._loader, spec, self._max_model_len)
@@ -196,9 +206,7 @@ class TokenizerStore:
             # A client-named directory that holds no usable tokenizer is the client's problem; the details name
             # server paths, so they go to the log only.
             logger.warning("model %s: its tokenizer does not load", spec.name, exc_info=True)
-            raise InvalidArgument.field(
-                field, f"model path {quote(requested)} holds no tokenizer this server can load"
-            ) from None
+            raise _NoTokenizer(spec.name) from None
         self._loaded[spec.name] = loaded
         self._evict()
         return loaded

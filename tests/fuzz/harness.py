@@ -5,7 +5,8 @@ kind separately):
 - the status is never INTERNAL or UNKNOWN (an unhandled exception), and never RESOURCE_EXHAUSTED without RetryInfo
   (e.g. gRPC's "metadata size exceeds limit" when an error echoes a huge input);
 - INVALID_ARGUMENT carries google.rpc.BadRequest field violations;
-- the status message plus its details stay under STATUS_LIMIT bytes;
+- the status message plus its details stay under STATUS_LIMIT bytes, and quote no more than ECHO_LIMIT characters
+  of any client value verbatim;
 - no message (status, BadRequest descriptions, any error text in a response) names an internal path or address
   the client did not send itself, and no response field at all names the artifact store or Redis;
 - a SERVING server stays SERVING, does not answer UNAVAILABLE to a healthy call, and finishes within a deadline;
@@ -82,6 +83,8 @@ def fuzz_settings(weight: float = 1.0) -> settings:
 
 #: Status message + trailing metadata above this many bytes fails the "bounded status" property.
 STATUS_LIMIT = 8 * 1024
+#: A message may quote a short prefix of a client's value (errors.quote: 64 characters); this many verbatim fails.
+ECHO_LIMIT = 200
 #: How long a NOT_SERVING server is given to come back (engine restart) before later examples are skipped.
 RECOVERY_S = 60.0
 #: A normal Generate every this many fuzz calls (besides the health check after every call).
@@ -134,6 +137,10 @@ class MissingBadRequest(PropertyFailure):
 
 class OversizedStatus(PropertyFailure):
     kind = "status over 8 KiB"
+
+
+class EchoedInput(PropertyFailure):
+    kind = "message echoes a long run of client input"
 
 
 class LeakedInternal(PropertyFailure):
@@ -551,7 +558,11 @@ class FuzzTarget:
         if code == grpc.StatusCode.INVALID_ARGUMENT and not outcome.bad_request():
             raise MissingBadRequest(f"{rpc}: {outcome.summary()}")
         sent = request_strings(request)
+        long_runs = {text[:ECHO_LIMIT] for text in sent if len(text) > ECHO_LIMIT}
         for where, text in outcome.messages():
+            for run in long_runs:
+                if run in text:
+                    raise EchoedInput(f"{rpc}: {where} quotes {ECHO_LIMIT}+ characters of the request: {text[:160]!r}")
             for secret in self.secrets:
                 if secret in text and not any(secret in s for s in sent):
                     at = text.find(secret)

@@ -64,14 +64,14 @@ def _oversized(base: Message, path: tuple[FD, ...]) -> list[object]:
     return [plain.get(kind, 1)] * OVERSIZED
 
 
-def _base(session: FuzzSession, rpc: str) -> Message:
+def base_request(session: FuzzSession, rpc: str) -> Message:
     service, method = rpc.split(".")
     return MODULES[service].bases(session)[method][0]
 
 
 @pytest.mark.parametrize("rpc", RPCS)
 def test_every_field_hostile(fuzz: FuzzSession, rpc: str) -> None:
-    base = _base(fuzz, rpc)
+    base = base_request(fuzz, rpc)
     cases: list[tuple[str, str, Message]] = []
     enum_cases: list[tuple[str, Message]] = []
     for path in field_paths(base.DESCRIPTOR):

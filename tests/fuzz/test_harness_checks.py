@@ -84,14 +84,16 @@ CASES = [
         harness.LeakedRecord,
     ),
     (_outcome(CODE.UNAVAILABLE, "engine restarting"), harness.UnavailableWhileServing),
+    (_outcome(CODE.NOT_FOUND, "no model " + "m" * 300, trailing=()), harness.EchoedInput),
     (_outcome(CODE.DEADLINE_EXCEEDED, "Deadline Exceeded"), harness.TookTooLong),
 ]
 
 
 @pytest.mark.parametrize(("outcome", "failure"), CASES, ids=[c[1].__name__ + str(i) for i, c in enumerate(CASES)])
 def test_each_property_can_fail(outcome: Outcome, failure: type[harness.PropertyFailure]) -> None:
+    request = inference_pb2.GenerateRequest(request_id="m" * 300)
     with pytest.raises(failure):
-        ScriptedTarget(outcome).check("InferenceService.Generate", inference_pb2.GenerateRequest())
+        ScriptedTarget(outcome).check("InferenceService.Generate", request)
 
 
 def test_a_server_that_stops_serving_fails() -> None:

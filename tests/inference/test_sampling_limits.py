@@ -22,10 +22,14 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-from genloom.services.inference.engine import SamplingOptions
+from genloom.services.finetune.settings import FinetuneSettings
+from genloom.services.finetune.spec import check_job_spec
+from genloom.services.inference.engine import EngineRequest, SamplingError, SamplingOptions
 from genloom.services.inference.sampling import (
+    MAX_STOP_TOKEN_IDS,
     SamplingLimits,
     check_sampling,
+    check_vocabulary,
     effective_temperature,
     option_problems,
     sampling_options,
@@ -33,9 +37,10 @@ from genloom.services.inference.sampling import (
 from genloom.services.inference.servicer import InferenceServicer
 from genloom.services.inference.settings import InferenceSettings
 from genloom.services.server.app import GenloomServer
+from genloom.services.server.conversation import conversation_messages
 from genloom.services.server.errors import InvalidArgument
 from genloom.services.server.settings import ModelSettings, ServerSettings
-from genloom.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+from genloom.v1 import common_pb2, finetune_pb2, inference_pb2, inference_pb2_grpc
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 LIMITS = SamplingLimits(default_max_new_tokens=256, vocab_size=1000, max_logprobs=20, max_stop_sequences=16)
@@ -157,6 +162,42 @@ def test_engines_accept_sane_options() -> None:
     assert option_problems(SamplingOptions(), vocab_size=1000) == []
     assert option_problems(SamplingOptions(temperature=1e-45, seed=2**32 - 1, top_k=1000), vocab_size=1000) == []
     assert effective_temperature(1e-45) == 0.0
+
+
+# -- a million entries: counts first, never a violation per entry over the limit ---------------------------------
+
+MILLION = 1_000_000
+
+
+def test_a_million_stop_token_ids_give_one_violation() -> None:
+    """Over the limit only the count is reported: the entries are not looked at (before, one violation per
+    out-of-vocabulary id was built: 1.3 s and ~340 MB for a 3 MB request)."""
+    huge = params(stop_token_ids=[10**6] * MILLION)
+    assert fields_of(check_sampling(huge, LIMITS)) == ["sampling.stop_token_ids"]
+    assert check_vocabulary(huge, 1000) == []
+    # At the limit every entry is still checked.
+    at_limit = params(stop_token_ids=[10**6] * MAX_STOP_TOKEN_IDS)
+    assert len(check_sampling(at_limit, LIMITS)) == MAX_STOP_TOKEN_IDS
+
+
+def test_a_million_stop_sequences_give_one_violation() -> None:
+    huge = params(stop=[""] * MILLION)
+    assert fields_of(check_sampling(huge, LIMITS)) == ["sampling.stop"]
+    # The task service leaves the count to the inference service, and checks no entry of an oversized list.
+    assert check_sampling(huge, SamplingLimits(default_max_new_tokens=None)) == []
+    assert fields_of(check_sampling(params(stop=["", "ok"]), SamplingLimits())) == ["sampling.stop[0]"]
+
+
+def test_other_validators_bound_their_violations() -> None:
+    """The same pattern elsewhere: a conversation's roles and a fine-tuning job's metadata."""
+    conversation = common_pb2.Conversation(messages=[common_pb2.ChatMessage(content="x")] * 200_000)  # role unset
+    with pytest.raises(InvalidArgument) as err:
+        conversation_messages(conversation, "prompt.conversation")
+    assert len(err.value.violations) == 20
+    assert "(and 199980 more)" in err.value.message
+    spec = finetune_pb2.JobSpec(metadata={f"{'k' * 70}{i}": "v" for i in range(100_000)})
+    violations = [v for v in check_job_spec(spec, FinetuneSettings()) if v.field.startswith("spec.metadata")]
+    assert [v.field for v in violations] == ["spec.metadata"]
 
 
 # -- the real service -------------------------------------------------------------------------------------------------
@@ -345,6 +386,7 @@ async def test_scores_broken_by_parameters_fail_as_invalid_argument(served: Simp
         del engine._prepare
     assert isinstance(poisoned, grpc.aio.AioRpcError)
     assert poisoned.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request(poisoned) == ["sampling"]  # a BadRequest naming the field, as every INVALID_ARGUMENT has
     assert "poison-params" in (poisoned.details() or "")
     assert not isinstance(healthy, BaseException), healthy
     assert list(healthy.token_ids) == list(alone.token_ids)
@@ -386,3 +428,32 @@ async def test_vllm_accepts_every_value_that_passes(vllm_engine: Any) -> None:
     assert await run("tiny", temperature=1e-45) == greedy
     for i, fields in enumerate(EXTREMES):
         assert len(await run(f"extreme-{i}", **fields)) == 4, fields
+
+
+# -- huge repeated fields over the wire, and the engines' own refusals ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("stop_token_ids", [10**6] * MILLION, "sampling.stop_token_ids"),
+        ("stop", [""] * MILLION, "sampling.stop"),
+    ],
+)
+async def test_a_million_entries_are_refused_at_once(
+    served: SimpleNamespace, field: str, value: list[Any], expected: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await served.stub.Generate(generate_request(**{field: value}), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    fields = bad_request(err.value)
+    assert fields == [expected] and len(fields) <= 20
+    assert len(err.value.details() or "") < 500
+    await assert_still_serving(served)
+
+
+async def test_the_hf_engine_refuses_sampling_with_a_sampling_error(hf_engine: Any) -> None:
+    request = EngineRequest("engine-check", [1, 2, 3], SamplingOptions(repetition_penalty=1e-45))
+    with pytest.raises(SamplingError):
+        async for _ in hf_engine.generate(request):
+            pass

@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +28,20 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from transformers import AutoModelForCausalLM
 
-from genloom.services.inference.engine import Engine
-from genloom.services.inference.pool import PoolState
+from genloom.services.inference.engine import (
+    Engine,
+    EngineDeadError,
+    EngineInfo,
+    EngineOutput,
+    EngineRequest,
+    ScoreQuery,
+)
+from genloom.services.inference.pool import PoolState, ServingPool
 from genloom.services.inference.servicer import InferenceServicer, create_engine
 from genloom.services.inference.settings import InferenceSettings
 from genloom.services.models.registry import ModelSpec
 from genloom.services.server.app import GenloomServer
+from genloom.services.server.errors import Unavailable
 from genloom.services.server.settings import ModelSettings, ServerSettings
 from genloom.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from tests.finetune.test_serving import FullModel, Register, full_model, full_request, register
@@ -337,3 +345,220 @@ async def test_a_dead_full_model_engine_is_started_again_on_next_use(
     finally:
         await served.channel.close()
         await server.stop(1.0)
+
+
+@pytest.mark.slow
+async def test_hf_calls_beyond_the_waiting_cap_get_unavailable_at_once(serve: Any) -> None:
+    """While the engine restarts (a long backoff here), GENLOOM_MAX_QUEUED_REQUESTS calls wait for it; the next
+    one is answered UNAVAILABLE with RetryInfo at once instead of holding its connection for the restart too."""
+    served = await serve(
+        InferenceSettings(engine="hf", max_queued_requests=1, engine_restart_backoff=30, engine_restart_backoff_max=30)
+    )
+    assert (await die_under_a_stream(served)).code() == grpc.StatusCode.UNAVAILABLE
+    assert served.servicer._pool is not None and served.servicer._pool.state is PoolState.RESTARTING
+    waiter = asyncio.ensure_future(served.stub.Generate(generate_request(4), timeout=20))
+    try:
+        async with asyncio.timeout(10):
+            while served.servicer._pool._waiting != 1:
+                await asyncio.sleep(0.02)
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await served.stub.Generate(generate_request(4), timeout=20)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+        assert "GENLOOM_MAX_QUEUED_REQUESTS" in (err.value.details() or "")
+        assert retry_delay(err.value) and time.monotonic() - started < 5
+        assert not waiter.done()  # the call within the cap still waits for the engine
+    finally:
+        waiter.cancel()
+    # (the fixture then stops the server in the middle of the restart's backoff)
+
+
+# -- the pool's own logic, with a stand-in engine ------------------------------------------------------------------
+# These faults are in the pool's bookkeeping (what it does around awaits, which engine it shuts down when), not in
+# any engine: an engine that only counts its lifecycle calls shows them exactly and in milliseconds.
+
+
+class StandInEngine(Engine):
+    """Starts, answers health checks and shuts down (counted); serves nothing."""
+
+    def __init__(self, *, fail_start: bool = False, fail_shutdown: bool = False) -> None:
+        self.fail_start = fail_start
+        self.fail_shutdown = fail_shutdown
+        self.shutdowns = 0
+
+    async def start(self) -> None:
+        if self.fail_start:
+            raise EngineDeadError("stand-in: warm-up failed")
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        raise EngineDeadError("stand-in: serves nothing")
+        yield EngineOutput([])  # an async generator, as the protocol wants
+
+    async def score(self, queries: Sequence[ScoreQuery]) -> list[list[list[float]]]:
+        raise EngineDeadError("stand-in: serves nothing")
+
+    async def abort(self, request_id: str) -> bool:
+        return False
+
+    async def check_health(self) -> None:
+        pass
+
+    def info(self) -> EngineInfo:
+        return EngineInfo("stand-in", "0", "m", "-", "float32", "cpu", 64, 10, (0,), False, 0, 0)
+
+    def load(self) -> tuple[int, int]:
+        return 0, 0
+
+    async def add_adapter(self, name: str, path: str) -> None:
+        pass
+
+    async def remove_adapter(self, name: str) -> None:
+        pass
+
+    async def shutdown(self) -> None:
+        self.shutdowns += 1
+        if self.fail_shutdown:
+            raise RuntimeError("stand-in: shutdown failed")
+
+
+class StandIns:
+    """The pool's engine factory: every engine it made, in order."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.kwargs = kwargs
+        self.made: list[StandInEngine] = []
+
+    def __call__(self) -> StandInEngine:
+        self.made.append(StandInEngine(**self.kwargs))
+        return self.made[-1]
+
+
+class StalledHealth:
+    """A health reporter whose NOT_SERVING report stalls until released (as grpc's HealthServicer.set does while
+    a Watch stream holds its lock during a slow write)."""
+
+    def __init__(self) -> None:
+        self.reports: list[bool] = []
+        self.release = asyncio.Event()
+
+    async def __call__(self, serving: bool) -> None:
+        self.reports.append(serving)
+        if not serving:
+            await self.release.wait()
+
+
+def pool_settings(**overrides: Any) -> InferenceSettings:
+    # No health checks during a test (the deaths are reported by hand); restarts at once unless a test says.
+    return InferenceSettings(**{"engine_health_interval": 3600, "engine_restart_backoff": 0.01, **overrides})
+
+
+async def cancelled_in_report(pool: ServingPool, engine: Engine, health: StalledHealth) -> None:
+    """Report `engine` dead from a task (a request) that its client cancels while the report is stalled."""
+    caller = asyncio.create_task(pool.died(engine, "stand-in died"))
+    async with asyncio.timeout(5):
+        while not health.reports:
+            await asyncio.sleep(0.005)
+    assert health.reports == [False]
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+
+
+async def test_a_death_whose_caller_is_cancelled_still_restarts_the_engine() -> None:
+    engines, health = StandIns(), StalledHealth()
+    pool = ServingPool(pool_settings(engine_restart_wait=10), engines, report_health=health)
+    first = await pool.start()
+    await cancelled_in_report(pool, first, health)
+    health.release.set()
+    async with asyncio.timeout(5):  # not the 10 s restart wait: the engine is back long before
+        engine = await pool.acquire()
+    assert engine is not first and pool.state is PoolState.SERVING
+    async with asyncio.timeout(5):
+        while health.reports[-1] is not True:
+            await asyncio.sleep(0.005)
+    assert health.reports == [False, True]
+    await pool.close()
+    assert [e.shutdowns for e in engines.made] == [1, 1]
+
+
+async def test_close_during_a_stalled_death_report_starts_nothing_after_it() -> None:
+    """The server shuts down while a death's report is stalled: no engine is started after close(), and every
+    engine made is shut down exactly once."""
+    engines, health = StandIns(), StalledHealth()
+    pool = ServingPool(pool_settings(), engines, report_health=health)
+    first = await pool.start()
+    caller = asyncio.create_task(pool.died(first, "stand-in died"))
+    async with asyncio.timeout(5):
+        while not health.reports:
+            await asyncio.sleep(0.005)
+    await pool.close()
+    made = len(engines.made)
+    health.release.set()
+    async with asyncio.timeout(5):
+        await caller
+    await asyncio.sleep(0.1)  # what a restart created now would have done by then
+    assert len(engines.made) == made
+    assert [e.shutdowns for e in engines.made] == [1] * made
+    assert not [t for t in asyncio.all_tasks() if t.get_name() == "genloom-engine-restart" and not t.done()]
+
+
+async def test_an_engine_that_fails_to_start_is_shut_down() -> None:
+    engines = StandIns(fail_start=True)
+    pool = ServingPool(pool_settings(), engines)
+    with pytest.raises(EngineDeadError):
+        await pool.start()
+    assert [e.shutdowns for e in engines.made] == [1]
+
+
+async def test_close_during_a_restart_shuts_the_dead_engine_down_once() -> None:
+    engines = StandIns()
+    pool = ServingPool(pool_settings(engine_restart_backoff=30, engine_restart_backoff_max=30), engines)
+    first = await pool.start()
+    await pool.died(first, "stand-in died")
+    async with asyncio.timeout(5):
+        while first.shutdowns == 0:  # the restart shuts the dead engine down first, then waits its backoff
+            await asyncio.sleep(0.005)
+    await pool.close()
+    assert first.shutdowns == 1 and engines.made == [first]
+
+
+async def test_close_survives_an_engine_whose_shutdown_raises() -> None:
+    engines = StandIns(fail_shutdown=True)
+    pool = ServingPool(pool_settings(), engines)
+    await pool.start()
+    await pool.close()  # logged, not raised: the servicer has more to close after the pool
+    assert [e.shutdowns for e in engines.made] == [1]
+
+
+async def test_a_late_death_after_the_restart_may_run_again_on_the_new_engine() -> None:
+    """A call whose EngineDeadError arrives after the restart finished (the old engine is no longer current) may
+    run again on the new engine, as one arriving during the restart may."""
+    engines = StandIns()
+    pool = ServingPool(pool_settings(), engines)
+    first = await pool.start()
+    await pool.died(first, "stand-in died")
+    assert pool.will_replace(first)
+    async with asyncio.timeout(5):
+        second = await pool.acquire()
+    assert second is not first
+    assert pool.will_replace(first)  # late: retried on `second`
+    assert not pool.will_replace(second)  # alive and current: an error on it is not a death being handled
+    await pool.close()
+
+
+async def test_calls_beyond_the_waiting_cap_are_refused_during_a_restart() -> None:
+    engines = StandIns()
+    settings = pool_settings(max_queued_requests=2, engine_restart_backoff=30, engine_restart_backoff_max=30)
+    pool = ServingPool(settings, engines)
+    first = await pool.start()
+    await pool.died(first, "stand-in died")
+    waiters = [asyncio.create_task(pool.acquire()) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    with pytest.raises(Unavailable) as err:
+        await pool.acquire()
+    assert err.value.retry_after and "GENLOOM_MAX_QUEUED_REQUESTS" in str(err.value)
+    assert not any(w.done() for w in waiters)
+    await pool.close()  # the waiters are answered: shutting down
+    for waiter in waiters:
+        with pytest.raises(Unavailable):
+            await waiter

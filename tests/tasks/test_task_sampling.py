@@ -102,3 +102,61 @@ async def test_evaluate_names_the_configuration_whose_sampling_is_bad(tasks: Tas
             pass
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert bad_request_fields(err.value) == ["sampling.repetition_penalty", "configurations[1].sampling.temperature"]
+
+
+async def test_a_million_stop_token_ids_are_refused_at_once(tasks: TaskStack) -> None:
+    """Over the limit only the count is reported: no violation per entry (before, a million out-of-vocabulary ids
+    built a million violations on the event loop)."""
+    sampling = inference_pb2.SamplingParams(stop_token_ids=[10**9] * 1_000_000)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await tasks.stub.Summarize(tasks_pb2.SummarizeRequest(documents=[DOCUMENT], sampling=sampling), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    fields = bad_request_fields(err.value)
+    assert fields == ["sampling.stop_token_ids"] and len(fields) <= 20
+    await assert_serving(tasks)
+
+
+async def test_a_million_stop_sequences_are_refused_at_once(tasks: TaskStack) -> None:
+    sampling = inference_pb2.SamplingParams(max_new_tokens=4, stop=[""] * 1_000_000)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await tasks.stub.Summarize(tasks_pb2.SummarizeRequest(documents=[DOCUMENT], sampling=sampling), timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(bad_request_fields(err.value)) <= 20
+    assert len(err.value.details() or "") < 1000
+    await assert_serving(tasks)
+
+
+async def test_min_new_tokens_raises_the_task_budget(tasks: TaskStack) -> None:
+    """Classify without max_new_tokens reserves the longest label + 4 tokens; a larger min_new_tokens raises that
+    budget to it (before, the task sent max_new_tokens below min_new_tokens and inference refused the request)."""
+    request = tasks_pb2.ClassifyRequest(
+        texts=["What a great day!"],
+        labels=LABELS,
+        method=tasks_pb2.CLASSIFY_METHOD_GENERATE,
+        sampling=inference_pb2.SamplingParams(min_new_tokens=20),
+    )
+    response = await tasks.stub.Classify(request, timeout=120)
+    result = response.results[0]
+    assert result.context.max_new_tokens == 20
+    assert response.usage.completion_tokens >= 20
+
+
+async def test_evaluate_checks_the_vocabulary_before_any_item(tasks: TaskStack) -> None:
+    records = [
+        tasks_pb2.EvalRecord(classify=tasks_pb2.ClassifyExample(text=t, labels=[label]))
+        for t, label in (("great", "positive"), ("awful", "negative"))
+    ]
+    request = tasks_pb2.EvaluateRequest(
+        task=tasks_pb2.TASK_TYPE_CLASSIFY,
+        dataset=tasks_pb2.EvalDataset(inline=tasks_pb2.EvalRecords(records=records)),
+        configurations=[
+            tasks_pb2.EvalConfiguration(),
+            tasks_pb2.EvalConfiguration(sampling=inference_pb2.SamplingParams(top_k=4294967295)),
+        ],
+        sampling=inference_pb2.SamplingParams(stop_token_ids=[10**9]),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for _ in tasks.stub.Evaluate(request, timeout=60):
+            pass
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(err.value) == ["sampling.stop_token_ids[0]", "configurations[1].sampling.top_k"]

@@ -82,6 +82,7 @@ from genloom.services.inference.engine import (
     EngineRequest,
     FinishReason,
     RequestFailedError,
+    SamplingError,
     SamplingOptions,
     ScoreQuery,
     TokenLogprob,
@@ -180,6 +181,16 @@ class _Batch:
         """[rows, width + extra] mask for a step that appends `extra` tokens per row (left padding)."""
         total = self.width + extra
         return (torch.arange(total) >= (total - self.lengths - extra)[:, None]).long()
+
+
+def _device_error(exc: BaseException) -> bool:
+    """An error that leaves the device unusable for every later request (a CUDA device-side assert, a lost
+    device): the step thread must die so that the pool restarts the engine, instead of each request failing alone
+    while health says SERVING. Out of memory is not one: freeing the request's tensors is enough."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", ())  # torch >= 2.8
+    return isinstance(exc, accelerator_error) or (isinstance(exc, RuntimeError) and "CUDA error" in str(exc))
 
 
 def _common_prefix(prompts: list[list[int]]) -> int:
@@ -396,7 +407,7 @@ class HFEngine(Engine):
             raise EngineError(f"the prompt has {len(prompt)} tokens; the context window is {window}")
         problems = option_problems(s, self._vocab_size)
         if problems:
-            raise EngineError(f"request {request.request_id!r}: " + "; ".join(problems))
+            raise SamplingError(f"request {request.request_id!r}: " + "; ".join(problems))
         if request.adapter is not None and request.adapter not in self._adapters:
             raise AdapterError(f"unknown adapter {request.adapter!r}")
         return min(s.max_new_tokens, window - len(prompt))
@@ -532,7 +543,7 @@ class HFEngine(Engine):
             try:
                 self._prepare(req)
             except Exception as exc:
-                self._fail(req, exc if isinstance(exc, EngineError) else EngineError(f"bad sampling options: {exc}"))
+                self._fail(req, exc if isinstance(exc, EngineError) else SamplingError(f"bad sampling options: {exc}"))
                 continue
             admitted.append(req)
             longest = width
@@ -603,6 +614,8 @@ class HFEngine(Engine):
                 logits_to_keep=1,
             )
         except Exception as exc:
+            if _device_error(exc):
+                raise
             # A prompt the device can't hold (out of memory) fails its requests, not the engine. Neither is the
             # caller's mistake: out of memory is RESOURCE_EXHAUSTED (may fit later), anything else INTERNAL.
             logger.exception("prefill of %d requests failed", len(reqs))
@@ -636,7 +649,7 @@ class HFEngine(Engine):
         """Pick each row's next token, publish it, and return the tokens (CPU) to feed into the next step.
 
         A row whose numbers go wrong fails alone: its request ends with an error (RequestFailedError when the
-        model's own logits are not finite, EngineError when its sampling parameters made them so) and the other
+        model's own logits are not finite, SamplingError when its sampling parameters made them so) and the other
         rows get their tokens; the failed row is dropped at the next step boundary."""
         logits = logits.float()  # generate samples in float32 whatever the model's dtype
         # One reduction finds every broken row: the max is NaN if any logit is, +inf if any is, and -inf only if
@@ -656,12 +669,14 @@ class HFEngine(Engine):
             try:
                 token = self._sample_row(r, logits[i : i + 1])
             except Exception as exc:
+                if _device_error(exc):
+                    raise
                 logger.exception("sampling failed for request %s", r.request.request_id)
                 failed[i] = RequestFailedError(f"request {r.request.request_id}: sampling raised {exc!r}")
                 continue
             if token is None:
                 s = r.sampling
-                failed[i] = EngineError(
+                failed[i] = SamplingError(
                     f"request {r.request.request_id}: its sampling parameters (temperature {s.temperature:.6g}, "
                     f"repetition_penalty {s.repetition_penalty:.6g}) made the next-token scores non-finite"
                 )

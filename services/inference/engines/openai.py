@@ -29,8 +29,11 @@ from genloom.services.inference.engine import (
     EngineError,
     EngineInfo,
     EngineOutput,
+    EngineOverloadedError,
     EngineRequest,
     FinishReason,
+    RequestFailedError,
+    SamplingError,
     ScoreQuery,
     TokenLogprob,
 )
@@ -136,7 +139,7 @@ class OpenAIEngine(Engine):
             raise AdapterError(f"no adapter named {request.adapter!r} is loaded")
         problems = option_problems(request.sampling)
         if problems:
-            raise EngineError("invalid sampling parameters: " + "; ".join(problems))
+            raise SamplingError("invalid sampling parameters: " + "; ".join(problems))
         # A tiny temperature is greedy here as in every engine (a remote vLLM would sample it at 0.01).
         s = for_engine(request.sampling)
         body: dict[str, Any] = {
@@ -317,13 +320,22 @@ class OpenAIEngine(Engine):
             message = detail.get("error", {}).get("message") if isinstance(detail.get("error"), dict) else detail
         except ValueError:
             message = response.text[:500]
-        if response.status_code >= 500:
-            return EngineDeadError(f"{self.base_url} answered {response.status_code}: {message}")
+        status = response.status_code
+        # One failed answer says nothing about the server as a whole: "dead" is for check_health and a lost
+        # connection, so a single 5xx never turns health NOT_SERVING for every client.
+        if status >= 500:
+            return RequestFailedError(f"{self.base_url} answered {status}: {message}")
+        if status == 429:
+            logger.warning("%s is overloaded (429): %s", self.base_url, message)
+            return EngineOverloadedError(f"the remote inference server is overloaded ({status}); retry shortly")
+        if status in (401, 403, 404, 405):
+            # Credentials, a route or the model missing on the remote end: this server's setup, not the caller's.
+            return RequestFailedError(
+                f"{self.base_url} answered {status} (check the openai engine's settings): {message}"
+            )
         # Client-visible (an engine error becomes INVALID_ARGUMENT): the remote's reason, never its address.
-        logger.info("%s refused a request (%d): %s", self.base_url, response.status_code, message)
-        return EngineError(
-            f"the remote inference server refused the request ({response.status_code}): {quote(message, 300)}"
-        )
+        logger.info("%s refused a request (%d): %s", self.base_url, status, message)
+        return EngineError(f"the remote inference server refused the request ({status}): {quote(message, 300)}")
 
 
 async def _sse(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:

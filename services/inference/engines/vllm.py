@@ -53,6 +53,7 @@ from genloom.services.inference.engine import (
     EngineOutput,
     EngineRequest,
     FinishReason,
+    SamplingError,
     SamplingOptions,
     ScoreQuery,
     TokenLogprob,
@@ -191,8 +192,9 @@ class VLLMEngine(Engine):
             await asyncio.sleep(0)
         for task in list(self._background):
             task.cancel()
-        # Blocks a few seconds while the EngineCore process exits; nothing else can run on this engine anyway.
-        llm.shutdown()
+        # Blocks a few seconds while the EngineCore process exits: in a thread, since this also runs while the server
+        # serves (the pool replacing a dead engine) and health checks and other calls must go on meanwhile.
+        await asyncio.to_thread(llm.shutdown)
         # Dropped now rather than at interpreter exit, where AsyncLLM.__del__ would shut down again with half of
         # vLLM's module globals already gone.
         self._llm = None
@@ -272,7 +274,7 @@ class VLLMEngine(Engine):
         # and raises a tiny temperature to 0.01 with a warning per request instead of decoding greedily.
         problems = option_problems(sampling)
         if problems:
-            raise EngineError("invalid sampling parameters: " + "; ".join(problems))
+            raise SamplingError("invalid sampling parameters: " + "; ".join(problems))
         sampling = for_engine(sampling)
         try:
             return SamplingParams(
@@ -292,7 +294,7 @@ class VLLMEngine(Engine):
                 detokenize=False,
             )
         except (VLLMClientError, ValueError) as err:
-            raise EngineError(f"invalid sampling parameters: {err}") from err
+            raise SamplingError(f"invalid sampling parameters: {err}") from err
 
     def _convert(self, output: RequestOutput, sampling: SamplingOptions) -> EngineOutput:
         completion = output.outputs[0]
