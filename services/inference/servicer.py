@@ -794,9 +794,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         # to its directory): a path lookup, so off the event loop; refused paths are refused as the tokenizer does.
         if looks_like_path(name) and await asyncio.to_thread(self._registry.name_of, name, field) == self.model_name:
             return
-        raise NotFound(
-                f"{field}: model {quote(name)} is not served here; this server serves {quote(self.model_name)}"
-            )
+        raise NotFound(f"{field}: model {quote(name)} is not served here; this server serves {quote(self.model_name)}")
 
     @asynccontextmanager
     async def _resolved(
@@ -886,7 +884,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 raise FailedPrecondition(
                     f"{field}: {model.name!r} is a fully fine-tuned model and this server serves none "
                     "(GENLOOM_MAX_FULL_MODELS=0); raise GENLOOM_MAX_FULL_MODELS, or serve its directory as a model of "
-                    f'its own (its result directory in GENLOOM_MODELS, or GENLOOM_MODEL)'
+                    f"its own (its result directory in GENLOOM_MODELS, or GENLOOM_MODEL)"
                 )
             if engine.info().engine == "openai":
                 raise FailedPrecondition(

@@ -457,3 +457,74 @@ async def test_the_hf_engine_refuses_sampling_with_a_sampling_error(hf_engine: A
     with pytest.raises(SamplingError):
         async for _ in hf_engine.generate(request):
             pass
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        lambda: torch.AcceleratorError("CUDA error: device-side assert triggered"),
+        lambda: RuntimeError("CUDA error: an illegal memory access was encountered"),
+    ],
+)
+async def test_a_device_error_in_prefill_kills_the_engine(
+    default_model_dir: Path, fault: Callable[[], Exception]
+) -> None:
+    """A sticky device error (no GPU here: raised in place of the forward pass) must end the step thread, so that
+    health goes NOT_SERVING and the pool restarts the engine; before, every later prefill failed INTERNAL while
+    health said SERVING. A fresh engine: the session's shared one must survive."""
+    from genloom.services.inference.engine import EngineDeadError
+    from genloom.services.inference.engines.hf import HFEngine
+
+    engine = HFEngine(default_model_dir, DEFAULT_MODEL, InferenceSettings(engine="hf"))
+    await engine.start()
+    try:
+
+        def broken(rows: Any, **inputs: Any) -> Any:
+            raise fault()
+
+        engine._forward = broken
+        request = EngineRequest("device-fault", [1, 2, 3], SamplingOptions(max_new_tokens=2))
+        with pytest.raises(EngineDeadError):
+            async for _ in engine.generate(request):
+                pass
+        with pytest.raises(EngineDeadError):
+            await engine.check_health()
+    finally:
+        await engine.shutdown()
+
+
+async def test_an_adapter_the_engine_refuses_leaks_no_engine_text(
+    hf_engine: Any, default_model_dir: Path, tmp_path: Path
+) -> None:
+    """An adapter that passes genloom's own checks but that PEFT can't apply (its target module is not in the
+    model): LoadAdapter answers a fixed message naming the client's path, not the engine's exception text (which
+    can name server paths); the log keeps it."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(default_model_dir), dtype=torch.float32)
+    get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(str(tmp_path / "lora"))
+    config_file = tmp_path / "lora" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["target_modules"] = ["no_such_proj"]
+    config_file.write_text(json.dumps(config))
+
+    models = ModelSettings(model=DEFAULT_MODEL, model_cache=default_model_dir.parent)
+    servicer = InferenceServicer(models, InferenceSettings(adapter_roots=str(tmp_path)), engine=hf_engine)
+    server = GenloomServer(ServerSettings(port=0, shutdown_grace=1.0), [servicer])
+    await server.start()
+    await server.wait_ready()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.LoadAdapter(inference_pb2.LoadAdapterRequest(name="refused", path="lora"), timeout=60)
+    finally:
+        await server.stop(1.0)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request(err.value) == ["path"]
+    details = err.value.details() or ""
+    assert "'lora'" in details and "could not be loaded into the engine" in details
+    assert "no_such_proj" not in details and str(tmp_path) not in details
