@@ -52,6 +52,35 @@ def small_model_dir(default_model_dir: Path, tmp_path_factory: pytest.TempPathFa
     return path
 
 
+def write_tiny_llama(path: Path, default_model_dir: Path, *, window: int = 1024) -> Any:
+    """A randomly initialised 2-layer Llama of width 64 (seeded), with the default model's tokenizer and chat
+    template, saved in `path`; returns the model (e.g. to put an adapter on it)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    base = json.loads((default_model_dir / "config.json").read_text())
+    config = LlamaConfig(
+        vocab_size=base["vocab_size"],
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=window,
+        bos_token_id=base.get("bos_token_id"),
+        eos_token_id=base.get("eos_token_id"),
+        pad_token_id=base.get("pad_token_id"),
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (default_model_dir / name).is_file():
+            shutil.copy(default_model_dir / name, path / name)
+    return model
+
+
 class ServerThread:
     """A real GenloomServer on 127.0.0.1:<free port>, running in a background thread with its own loop."""
 

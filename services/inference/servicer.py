@@ -422,19 +422,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                         "the inference engine died while scoring; retry shortly", retry_after=RETRY_AFTER_DEATH_S
                     ) from None
                 engine = await self._acquire(context)
-            except AdapterError as err:
-                raise NotFound(str(err)) from None
-            except RequestFailedError as err:
-                request_id = request_id_var.get()
-                logger.error("Score %s failed in the engine: %s", request_id, err)
-                raise ServiceError(
-                    f"internal error in request {request_id}; the server log has the details (retrying may work)"
-                ) from None
-            except EngineOverloadedError as err:
-                raise ResourceExhausted(str(err), retry_after=OVERLOADED_RETRY_AFTER_S) from None
             except EngineError as err:
-                # The engine refused what the items ask for (e.g. a remote server's 4xx).
-                raise InvalidArgument.field("items", str(err)) from None
+                # A refusal is about what the items ask for (e.g. a remote server's 4xx).
+                raise _request_error(err, request_id_var.get(), field="items") from None
         raise AssertionError("unreachable")
 
     async def Abort(
@@ -719,20 +709,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             raise Unavailable(
                 "the inference engine died while generating; retry shortly", retry_after=RETRY_AFTER_DEATH_S
             ) from None
-        except AdapterError as err:
-            raise NotFound(str(err)) from None
-        except RequestFailedError as err:
-            logger.error("request %s failed in the engine: %s", g.request_id, err)
-            raise ServiceError(  # the base class is INTERNAL: not the caller's fault, and the engine serves on
-                f"internal error in request {g.request_id}; the server log has the details (retrying may work)"
-            ) from None
-        except EngineOverloadedError as err:
-            raise ResourceExhausted(str(err), retry_after=OVERLOADED_RETRY_AFTER_S) from None
-        except SamplingError as err:
-            raise InvalidArgument.field("sampling", str(err)) from None
         except EngineError as err:
-            # Any other refusal is about the prompt (e.g. a remote server's 4xx): the engine checked nothing else.
-            raise InvalidArgument.field("prompt", str(err)) from None
+            # A refusal other than sampling is about the prompt (e.g. a remote server's 4xx): the engine checked
+            # nothing else.
+            raise _request_error(err, g.request_id, field="prompt") from None
         finally:
             await stream.aclose()  # aborts the request in the engine if it is still running
             self._in_flight.pop(g.request_id, None)
@@ -1229,6 +1209,23 @@ def _hidden_size(model_dir: Path) -> int:
     config = json.loads((model_dir / "config.json").read_text())
     config = config.get("text_config", config)
     return int(config.get("hidden_size") or config.get("n_embd") or 0)
+
+
+def _request_error(err: EngineError, request_id: str, *, field: str) -> ServiceError:
+    """The status of a request the engine failed while it serves on (EngineDeadError is handled by the caller)."""
+    if isinstance(err, AdapterError):
+        return NotFound(str(err))
+    if isinstance(err, RequestFailedError):
+        logger.error("request %s failed in the engine: %s", request_id, err)
+        # The base class is INTERNAL: not the caller's fault, and the engine serves on.
+        return ServiceError(
+            f"internal error in request {request_id}; the server log has the details (retrying may work)"
+        )
+    if isinstance(err, EngineOverloadedError):
+        return ResourceExhausted(str(err), retry_after=OVERLOADED_RETRY_AFTER_S)
+    if isinstance(err, SamplingError):
+        return InvalidArgument.field("sampling", str(err))
+    return InvalidArgument.field(field, str(err))
 
 
 def _shown_source(info: EngineInfo, fine_tuned: FineTunedModel | None) -> str:

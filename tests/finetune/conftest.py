@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from genloom.services.finetune.store import TERMINAL
 from genloom.services.server.settings import ModelSettings
 from genloom.v1 import finetune_pb2, finetune_pb2_grpc
 
-from ..conftest import DEFAULT_MODEL, ServerThread, model_cache, start_server
+from ..conftest import DEFAULT_MODEL, ServerThread, model_cache, start_server, write_tiny_llama
 
 REDIS_URL = os.environ.get("GENLOOM_TEST_FINETUNE_REDIS", "redis://127.0.0.1:6379/13")
 TINY = "tiny-llama"
@@ -39,29 +38,8 @@ S = finetune_pb2
 @pytest.fixture(scope="session")
 def tiny_model_dir(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A randomly initialised 2-layer Llama with the default model's tokenizer (and chat template)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     path = tmp_path_factory.mktemp("tiny-llama")
-    base = json.loads((default_model_dir / "config.json").read_text())
-    config = LlamaConfig(
-        vocab_size=base["vocab_size"],
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        bos_token_id=base.get("bos_token_id"),
-        eos_token_id=base.get("eos_token_id"),
-        pad_token_id=base.get("pad_token_id"),
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
-        if (default_model_dir / name).is_file():
-            shutil.copy(default_model_dir / name, path / name)
+    write_tiny_llama(path, default_model_dir)
     return path
 
 

@@ -57,7 +57,7 @@ from genloom.services.tasks.settings import TasksSettings
 from genloom.services.tokenizer.settings import TokenizerSettings
 from genloom.v1 import finetune_pb2, inference_pb2
 
-from ..conftest import model_cache, start_server
+from ..conftest import model_cache, start_server, write_tiny_llama
 from .harness import LORA, STATS, TINY, WEBHOOK_CONTROL_HOST, ErrorLogCounter, FuzzSession, FuzzTarget
 from .strategies import MessageStrategies, Vocabulary
 
@@ -74,31 +74,8 @@ CLASSIFY_RECORDS = [{"text": t, "label": lab} for t, lab in [("great", "positive
 
 
 def _make_tiny_model(path: Path, adapter_dir: Path, default_model_dir: Path) -> None:
-    """A randomly initialised 2-layer Llama of width 64 with the default model's tokenizer and chat template
-    (the approach of tests/finetune/conftest.py), with a 512-token window so any generation is short."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    base = json.loads((default_model_dir / "config.json").read_text())
-    config = LlamaConfig(
-        vocab_size=base["vocab_size"],
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=base.get("bos_token_id"),
-        eos_token_id=base.get("eos_token_id"),
-        pad_token_id=base.get("pad_token_id"),
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(path)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
-        if (default_model_dir / name).is_file():
-            shutil.copy(default_model_dir / name, path / name)
+    """The suite's tiny random Llama with a 512-token window (any generation is short), and a LoRA on it."""
+    model = write_tiny_llama(path, default_model_dir, window=512)
     from peft import LoraConfig, get_peft_model
 
     lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
@@ -334,6 +311,22 @@ def fuzz(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     logging.getLogger().removeHandler(errors)
 
 
+@pytest.fixture(autouse=True)
+def fuzz_window() -> Iterator[None]:
+    """Counts ERROR records (and time) only while a fuzz test runs, and fails the test that made a server log one:
+    a handled bad request logs a warning at most."""
+    before = STATS.errors.copy()
+    started = time.monotonic()
+    STATS.active = True
+    try:
+        yield
+    finally:
+        STATS.active = False
+        STATS.fuzz_seconds += time.monotonic() - started
+    logged = STATS.errors - before
+    assert not logged, f"the servers logged ERROR records: {dict(logged)}"
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     """The lead's numbers: fuzz requests run, their status codes per RPC, every property failure seen."""
     if not STATS.counts:
@@ -348,9 +341,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         tr.write_line(f"{rpc:42} {sum(codes.values()):5}  {shown}")
     by_code = ", ".join(f"{code} {n}" for code, n in STATS.by_code().most_common())
     tr.write_line(f"{'TOTAL':42} {total:5}  {by_code}")
-    tr.write_line(
-        f"server start-up {STATS.server_started_s:.1f}s; fuzz session {time.monotonic() - STATS.started:.1f}s wall"
-    )
+    tr.write_line(f"server start-up {STATS.server_started_s:.1f}s; fuzz tests {STATS.fuzz_seconds:.1f}s wall")
     if STATS.errors:
         tr.section("genloom fuzz: ERROR log records from the servers")
         for line, n in STATS.errors.most_common(30):

@@ -203,6 +203,10 @@ class FuzzStats:
     #: ERROR (and worse) log records the servers wrote meanwhile, by logger and message: a handled bad request
     #: should log at most a warning; these point at crashes the status codes hid.
     errors: Counter[str] = field(default_factory=Counter)
+    #: Whether a fuzz test is running: log records of other tests in the same pytest session are not ours.
+    active: bool = False
+    #: Seconds spent in fuzz tests (the rest of a whole-suite session is other tests').
+    fuzz_seconds: float = 0.0
 
     def record(self, rpc: str, code: str) -> None:
         self.counts[(rpc, code)] += 1
@@ -233,6 +237,8 @@ class ErrorLogCounter(logging.Handler):
         super().__init__(level=logging.ERROR)
 
     def emit(self, record: logging.LogRecord) -> None:
+        if not STATS.active:
+            return
         try:
             message = record.getMessage()
         except Exception:  # a broken format string is itself worth counting
