@@ -493,6 +493,28 @@ async def test_a_device_error_in_prefill_kills_the_engine(
         await engine.shutdown()
 
 
+async def test_a_device_error_while_scoring_kills_the_engine(default_model_dir: Path) -> None:
+    """The same for Score, which runs as a command of the step thread: its caller learns the engine died (the
+    pool then restarts it), instead of the engine serving on with a broken device."""
+    from genloom.services.inference.engine import EngineDeadError, ScoreQuery
+    from genloom.services.inference.engines.hf import HFEngine
+
+    engine = HFEngine(default_model_dir, DEFAULT_MODEL, InferenceSettings(engine="hf"))
+    await engine.start()
+    try:
+
+        def broken(rows: Any, **inputs: Any) -> Any:
+            raise torch.AcceleratorError("CUDA error: device-side assert triggered")
+
+        engine._forward = broken
+        with pytest.raises(EngineDeadError):
+            await engine.score([ScoreQuery([1, 2, 3], [[4], [5, 6]])])
+        with pytest.raises(EngineDeadError):
+            await engine.check_health()
+    finally:
+        await engine.shutdown()
+
+
 async def test_an_adapter_the_engine_refuses_leaks_no_engine_text(
     hf_engine: Any, default_model_dir: Path, tmp_path: Path
 ) -> None:

@@ -519,6 +519,14 @@ class HFEngine(Engine):
             try:
                 future.set_result(fn())
             except Exception as exc:
+                if _device_error(exc):
+                    # Score or an adapter command broke the device: end the step thread like a decode would, dead
+                    # before the caller hears of it (so its health check already says so).
+                    with self._lock:
+                        self._dead = exc
+                        self._accepting = False
+                    future.set_exception(EngineDeadError(f"the hf engine's device failed ({type(exc).__name__})"))
+                    raise
                 future.set_exception(exc)
 
     def _forward(self, rows: Sequence[_Request | str | None], **inputs: Any) -> Any:
