@@ -253,6 +253,44 @@ class _PeerService:
         return None
 
 
+class _FailingAtStartService:
+    """Reports itself not serving as its start ends, as an engine that dies right after loading makes the
+    inference service do."""
+
+    name = "genloom.test.FailsAtStart"
+
+    def __init__(self) -> None:
+        self.report: Any = None
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        return None
+
+    def bind_health(self, report: Any) -> None:
+        self.report = report
+
+    async def start(self) -> None:
+        await self.report(False)
+
+    async def close(self) -> None:
+        return None
+
+
+def test_a_service_that_fails_during_start_is_not_reported_serving() -> None:
+    """Start-up must not overwrite a failure a service reported meanwhile; its recovery makes everything SERVING."""
+    service = _FailingAtStartService()
+    server = start_server([service, _PeerService()])
+    try:
+        server.wait_ready()
+        assert _health(server.target, service.name) == NOT_SERVING
+        assert _health(server.target) == NOT_SERVING
+        assert _health(server.target, _PeerService.name) == SERVING
+        server.call(service.report(True))
+        assert _health(server.target, service.name) == SERVING
+        assert _health(server.target) == SERVING
+    finally:
+        server.stop()
+
+
 def test_max_connection_age_makes_clients_reconnect_without_failing_calls() -> None:
     """With GENLOOM_MAX_CONNECTION_AGE a client's connection is replaced every so often (so it re-resolves its
     target and finds new replicas); calls keep succeeding and a stream longer than the age runs to its end."""

@@ -74,6 +74,8 @@ class GenloomServer:
         self._server: grpc.aio.Server | None = None
         self._startup: asyncio.Task[None] | None = None
         self._stopped = False
+        # Services that reported themselves not serving (e.g. an engine that died, even during start-up).
+        self._not_serving: set[str] = set()
 
     async def start(self) -> int:
         """Bind and start serving (health NOT_SERVING until every service is ready). Returns the bound port."""
@@ -154,8 +156,10 @@ class GenloomServer:
     async def _start_services(self) -> None:
         for service in self.services:
             await service.start()
-            await self._health.set(service.name, SERVING)
-        await self._health.set("", SERVING)
+            # A service that reported a failure between its start and now (an engine that died at once) stays
+            # NOT_SERVING until it reports itself serving again.
+            await self._health.set(service.name, NOT_SERVING if service.name in self._not_serving else SERVING)
+        await self._health.set("", NOT_SERVING if self._not_serving else SERVING)
         self.ready.set()
         logger.info("ready")
 
@@ -164,11 +168,15 @@ class GenloomServer:
             if self._stopped:
                 return
             status = SERVING if serving else NOT_SERVING
+            if serving:
+                self._not_serving.discard(name)
+            else:
+                self._not_serving.add(name)
             await self._health.set(name, status)
             if not serving:
                 await self._health.set("", NOT_SERVING)
                 logger.error("%s is no longer serving", name)
-            elif self.ready.is_set():
+            elif self.ready.is_set() and not self._not_serving:
                 await self._health.set("", SERVING)
 
         return report
