@@ -13,7 +13,6 @@ import os
 import re
 import threading
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from genloom.services.server.errors import (
     ServiceError,
     quote,
 )
+from genloom.services.server.lru import LRUCache
 from genloom.services.server.paths import canonical, resolve_within
 from genloom.services.server.settings import ModelSettings
 from genloom.services.tokenizer.store import LoadedTokenizer, load_tokenizer
@@ -149,7 +149,7 @@ class JobManager:
         self.webhook_policy = settings.webhook_policy()
         # Keyed by canonical directory (the registry resolves every spelling to one), bounded like the tokenizer
         # service's cache: models named by path come and go.
-        self._tokenizers: OrderedDict[str, LoadedTokenizer] = OrderedDict()
+        self._tokenizers: LRUCache[str, LoadedTokenizer] = LRUCache(models.max_cached_models)
         self._lock = threading.Lock()
         # Called with a job that just ended (set by whoever advances sweeps).
         self.on_finished: Callable[[finetune_pb2.Job], None] | None = None
@@ -173,14 +173,10 @@ class JobManager:
         key = str(spec.path)
         with self._lock:
             tok = self._tokenizers.get(key)
-            if tok is not None:
-                self._tokenizers.move_to_end(key)
         if tok is None:
             tok = load_tokenizer(spec, self.models.max_model_len)
             with self._lock:
-                self._tokenizers[key] = tok
-                while len(self._tokenizers) > max(1, self.models.max_cached_models):
-                    self._tokenizers.popitem(last=False)
+                self._tokenizers.put(key, tok)
         return tok
 
     # -- create -------------------------------------------------------------------------------------------------
@@ -300,14 +296,15 @@ class JobManager:
             path, [root] if root else [], field=field, kind="file", setting="GENLOOM_FINETUNE_DATA_ROOT"
         )
 
-    def _legacy_upload(self, path: str, sweep_id: str) -> str | None:
-        """Records written before uploads were named: an absolute path into the sweep's own upload directory."""
+    def _legacy_upload(self, path: str, owner: str) -> str | None:
+        """The upload name of a path in a record written before uploads were named: an absolute path into
+        `owner`'s (a job's or sweep's) own upload directory; None for any other path."""
         if not os.path.isabs(path):
             return None
-        own = canonical(self.job_dir(sweep_id) / "data")
+        own = canonical(self.job_dir(owner) / "data")
         target = canonical(path)
         if target.parent == own and target.name in ("training.jsonl", "validation.jsonl"):
-            return f"{UPLOAD_PREFIX}{sweep_id}/{target.name}"
+            return f"{UPLOAD_PREFIX}{owner}/{target.name}"
         return None
 
     def data_file(self, job: finetune_pb2.Job, path: str, name: str) -> Path:
@@ -315,18 +312,14 @@ class JobManager:
         job's own (or its sweep's), anything else only inside the data root. Raises InvalidArgument, NotFound or
         PermissionDenied with messages that name no server directory."""
         field = f"spec.{name}_data.path"
+        owners = sorted({job.id, job.sweep_id} - {""})
+        # Records from before uploads were named hold absolute paths: their own upload directory still counts.
+        path = next((legacy for owner in owners if (legacy := self._legacy_upload(path, owner))), path)
         upload = _UPLOAD.fullmatch(path)
-        owners = {job.id, job.sweep_id} - {""}
         if upload is not None:
             if upload["owner"] not in owners:
                 raise PermissionDenied(f"{field}: {quote(path)} is data uploaded with another job")
             return resolve_within(upload["file"], [self.job_dir(upload["owner"]) / "data"], field=field)
-        if os.path.isabs(path):
-            # Records from before uploads were named hold absolute paths: their own upload directory still counts.
-            for owner in sorted(owners):
-                own = canonical(self.job_dir(owner) / "data")
-                if canonical(path).parent == own:
-                    return resolve_within(path, [own], field=field)
         return self._data_root_file(path, field)
 
     def job_dir(self, job_id: str) -> Path:

@@ -28,7 +28,7 @@ import math
 import struct
 from dataclasses import dataclass
 
-from genloom.services.inference.engine import SamplingOptions
+from genloom.services.inference.engine import SamplingError, SamplingOptions
 from genloom.services.server.errors import FieldViolation, InvalidArgument
 from genloom.v1 import inference_pb2
 
@@ -64,6 +64,20 @@ def _num(value: float) -> str:
     return f"{value:.6g}"
 
 
+# The ranges, once: the request check (where 0 means "the default" for top_p and repetition_penalty) and the
+# engines' check of resolved options both use these.
+def _temperature_ok(t: float) -> bool:
+    return math.isfinite(t) and 0.0 <= t <= MAX_TEMPERATURE
+
+
+def _top_p_ok(p: float) -> bool:
+    return math.isfinite(p) and 0.0 < p <= 1.0
+
+
+def _penalty_ok(penalty: float) -> bool:
+    return math.isfinite(penalty) and MIN_REPETITION_PENALTY <= penalty <= MAX_REPETITION_PENALTY
+
+
 def effective_temperature(temperature: float) -> float:
     """What an engine samples at for a temperature that passed the check (0.0 = greedy)."""
     if temperature < GREEDY_BELOW:  # also -0.0
@@ -85,18 +99,18 @@ def check_sampling(
     if params.HasField("temperature"):
         t = params.temperature
         check(
-            math.isfinite(t) and 0.0 <= t <= MAX_TEMPERATURE,
+            _temperature_ok(t),
             "temperature",
             f"{_num(t)} is outside 0.0 to {MAX_TEMPERATURE} (values below {GREEDY_BELOW:g} are greedy)",
         )
     check(
-        math.isfinite(params.top_p) and 0.0 <= params.top_p <= 1.0,
+        params.top_p == 0.0 or _top_p_ok(params.top_p),
         "top_p",
         f"{_num(params.top_p)} is outside (0, 1] (0 = the default, 1.0)",
     )
     penalty = params.repetition_penalty
     check(
-        penalty == 0.0 or (math.isfinite(penalty) and MIN_REPETITION_PENALTY <= penalty <= MAX_REPETITION_PENALTY),
+        penalty == 0.0 or _penalty_ok(penalty),
         "repetition_penalty",
         f"{_num(penalty)} is outside {MIN_REPETITION_PENALTY:g} to {MAX_REPETITION_PENALTY:g} (0 = the default, 1.0)",
     )
@@ -183,12 +197,12 @@ def option_problems(options: SamplingOptions, vocab_size: int | None = None) -> 
     one line per problem, empty when the options are usable."""
     problems: list[str] = []
     t, p, k = options.temperature, options.top_p, options.top_k
-    if not (math.isfinite(t) and 0.0 <= t <= MAX_TEMPERATURE):
+    if not _temperature_ok(t):
         problems.append(f"temperature {_num(t)} is outside 0.0 to {MAX_TEMPERATURE}")
-    if not (math.isfinite(p) and 0.0 < p <= 1.0):
+    if not _top_p_ok(p):
         problems.append(f"top_p {_num(p)} is outside (0, 1]")
     penalty = options.repetition_penalty
-    if not (math.isfinite(penalty) and MIN_REPETITION_PENALTY <= penalty <= MAX_REPETITION_PENALTY):
+    if not _penalty_ok(penalty):
         problems.append(
             f"repetition_penalty {_num(penalty)} is outside {MIN_REPETITION_PENALTY:g} to {MAX_REPETITION_PENALTY:g}"
         )
@@ -207,6 +221,15 @@ def option_problems(options: SamplingOptions, vocab_size: int | None = None) -> 
     ):
         problems.append("stop_token_ids must be at most 64 ids within the vocabulary")
     return problems
+
+
+def engine_sampling(options: SamplingOptions, vocab_size: int | None = None) -> SamplingOptions:
+    """What an engine runs `options` as (see for_engine), after checking them against the shared limits (engines
+    check what they are given, whoever built it). Raises SamplingError."""
+    problems = option_problems(options, vocab_size)
+    if problems:
+        raise SamplingError("invalid sampling parameters: " + "; ".join(problems))
+    return for_engine(options)
 
 
 def for_engine(options: SamplingOptions) -> SamplingOptions:

@@ -418,9 +418,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             except EngineDeadError as err:
                 await self._engine_failed(engine, str(err))
                 if attempt or model.full is not None or not self._replacing(engine):
-                    raise Unavailable(
-                        "the inference engine died while scoring; retry shortly", retry_after=RETRY_AFTER_DEATH_S
-                    ) from None
+                    raise _died_while("scoring") from None
                 engine = await self._acquire(context)
             except EngineError as err:
                 # A refusal is about what the items ask for (e.g. a remote server's 4xx).
@@ -589,10 +587,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 raise InvalidArgument(message, [FieldViolation("path", message)]) from None
             except EngineDeadError as err:
                 await self._engine_failed(engine, str(err))
-                raise Unavailable(
-                    "the inference engine died while loading the adapter; retry shortly",
-                    retry_after=RETRY_AFTER_DEATH_S,
-                ) from None
+                raise _died_while("loading the adapter") from None
             loaded = LoadedAdapter(name, spec, datetime.now(timezone.utc))
             self._adapters[name] = loaded
         logger.info("adapter %s loaded from %s (rank %d)", name, spec.path, spec.rank)
@@ -610,10 +605,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 await engine.remove_adapter(loaded.engine_name)
             except EngineDeadError as err:
                 await self._engine_failed(engine, str(err))
-                raise Unavailable(
-                    "the inference engine died while unloading the adapter; retry shortly",
-                    retry_after=RETRY_AFTER_DEATH_S,
-                ) from None
+                raise _died_while("unloading the adapter") from None
             del self._adapters[request.name]
         pb = self._adapter_pb(loaded)
         pb.loaded = False
@@ -706,9 +698,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     break
         except EngineDeadError:
             # _outputs has told the pool (about the engine the request last ran on, which may not be g.engine).
-            raise Unavailable(
-                "the inference engine died while generating; retry shortly", retry_after=RETRY_AFTER_DEATH_S
-            ) from None
+            raise _died_while("generating") from None
         except EngineError as err:
             # A refusal other than sampling is about the prompt (e.g. a remote server's 4xx): the engine checked
             # nothing else.
@@ -1209,6 +1199,11 @@ def _hidden_size(model_dir: Path) -> int:
     config = json.loads((model_dir / "config.json").read_text())
     config = config.get("text_config", config)
     return int(config.get("hidden_size") or config.get("n_embd") or 0)
+
+
+def _died_while(doing: str) -> Unavailable:
+    """For a call whose engine died under it: retry soon (the pool is restarting the engine, and calls wait)."""
+    return Unavailable(f"the inference engine died while {doing}; retry shortly", retry_after=RETRY_AFTER_DEATH_S)
 
 
 def _request_error(err: EngineError, request_id: str, *, field: str) -> ServiceError:

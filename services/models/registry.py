@@ -21,7 +21,7 @@ from pathlib import Path
 
 from genloom.services.models.smollm2 import ensure_default_model
 from genloom.services.server.errors import NotFound, quote
-from genloom.services.server.paths import canonical, resolve_within
+from genloom.services.server.paths import canonical, on_paper, resolve_within
 from genloom.services.server.settings import ModelSettings, SettingsError, split_list
 
 logger = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ class ModelRegistry:
 
 def _directory_name(spelling: str) -> str:
     """The last component of an operator's directory spelling, "." and ".." resolved on paper ("/srv/m/" -> "m")."""
-    return Path(os.path.normpath(os.path.abspath(os.path.expanduser(spelling)))).name
+    return on_paper(spelling).name
 
 
 def _is_model_dir(path: Path) -> bool:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-
 from genloom.services.server.errors import FieldViolation, InvalidArgument
 from genloom.v1 import common_pb2
 
@@ -19,15 +17,10 @@ def conversation_messages(conversation: common_pb2.Conversation, field: str) -> 
     unset."""
     if not conversation.messages:
         raise InvalidArgument.field(f"{field}.messages", "a conversation needs at least one message")
-    # A violation for the first 20 bad roles only (as many as a status shows), the rest counted: a conversation
-    # may hold millions of messages.
-    bad = (j for j, m in enumerate(conversation.messages) if m.role not in ROLE_NAMES)
-    shown = [
+    # Lazy: a conversation may hold millions of messages, and raise_for builds only the violations it shows.
+    InvalidArgument.raise_for(
         FieldViolation(f"{field}.messages[{j}].role", "role must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT")
-        for j in itertools.islice(bad, 20)
-    ]
-    if shown:
-        more = sum(1 for _ in bad)
-        message = "; ".join(f"{v.field}: {v.description}" for v in shown)
-        raise InvalidArgument(message + (f" (and {more} more)" if more else ""), shown)
+        for j, m in enumerate(conversation.messages)
+        if m.role not in ROLE_NAMES
+    )
     return [{"role": ROLE_NAMES[m.role], "content": m.content} for m in conversation.messages]

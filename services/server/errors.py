@@ -6,6 +6,7 @@ it becomes INTERNAL with a generic message, and the traceback goes to the log, n
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -58,14 +59,18 @@ class InvalidArgument(ServiceError):
         return cls(f"{field}: {description}", [FieldViolation(field, description)])
 
     @classmethod
-    def raise_for(cls, violations: Sequence[FieldViolation], limit: int = 20) -> None:
-        """Raise one error listing every violation (the first `limit` of them); do nothing when there are none."""
-        if not violations:
+    def raise_for(cls, violations: Iterable[FieldViolation], limit: int = 20) -> None:
+        """Raise one error listing the violations (the first `limit` of them, the rest counted); do nothing when
+        there are none. `violations` may be a lazy iterable: only the first `limit` are ever built, so a request
+        with millions of bad entries costs a count, not a million messages."""
+        found = iter(violations)
+        shown = list(itertools.islice(found, limit))
+        if not shown:
             return
-        shown = violations[:limit]
         message = "; ".join(f"{v.field}: {v.description}" for v in shown)
-        if len(violations) > len(shown):
-            message += f" (and {len(violations) - len(shown)} more)"
+        more = sum(1 for _ in found)
+        if more:
+            message += f" (and {more} more)"
         raise cls(message, shown)
 
 

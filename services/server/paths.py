@@ -36,6 +36,12 @@ def canonical(path: str | os.PathLike[str]) -> Path:
     return Path(os.path.realpath(os.path.expanduser(os.fspath(path))))
 
 
+def on_paper(path: str | os.PathLike[str]) -> Path:
+    """An operator's spelling of a place made absolute, with `~`, `.` and `..` resolved as text (no file system
+    look-up: symlinks stay as spelled)."""
+    return Path(os.path.normpath(os.path.abspath(os.path.expanduser(os.fspath(path)))))
+
+
 def resolve_within(
     path: str,
     roots: Sequence[str | os.PathLike[str]],
@@ -61,16 +67,16 @@ def resolve_within(
         raise PermissionDenied(f"{field}: paths on the server are not allowed here{hint}")
     bases = [canonical(root) for root in roots]
     # A root may be configured through a symlink: its own spelling counts as inside as well as its target.
-    spelled = [*bases, *(Path(os.path.normpath(os.path.abspath(os.path.expanduser(root)))) for root in roots)]
+    spelled = [*bases, *(on_paper(root) for root in roots)]
     try:
         # The client's "~" is a plain name, never expanded: "~user" would look up the server's accounts (an
         # oracle for which users exist) and is nothing a client can know about anyway.
         candidate = Path(path)
-        on_paper = Path(os.path.normpath(candidate if candidate.is_absolute() else bases[0] / candidate))
+        lexical = Path(os.path.normpath(candidate if candidate.is_absolute() else bases[0] / candidate))
         # Only a spelling inside a root reaches the disk: realpath of "outside/../root/x" would look up "outside"
         # and answer differently when it is a symlink.
-        inside = _within(on_paper, spelled)
-        resolved = Path(os.path.realpath(on_paper)) if inside else on_paper
+        inside = _within(lexical, spelled)
+        resolved = Path(os.path.realpath(lexical)) if inside else lexical
     except (OSError, ValueError, RuntimeError) as err:
         raise InvalidArgument.field(field, f"{quote(path)} is not a usable path: {_reason(err)}") from None
     if not inside or not _within(resolved, bases):

@@ -93,17 +93,16 @@ class Evaluation:
         checks.enum(r.truncation, common_pb2.TruncationSide, "truncation")
         checks.chunking(r.chunking)
         checks.sampling(r.sampling)
+        # The summary options are checked whatever the task: unused by the others, an unknown value still marks a
+        # malformed request.
+        checks.enum(r.options.format, tasks_pb2.SummaryFormat, "options.format")
+        if r.task == tasks_pb2.TASK_TYPE_SUMMARIZE:
+            checks.target_length(r.options.target_length, "options.target_length")
+        else:
+            checks.enum(r.options.target_length.unit, tasks_pb2.SummaryLengthUnit, "options.target_length.unit")
         for i, config in enumerate(r.configurations[: s.max_eval_configs]):
             if config.HasField("sampling"):
                 checks.sampling(config.sampling, f"configurations[{i}].sampling")
-        if r.task == tasks_pb2.TASK_TYPE_SUMMARIZE:
-            checks.enum(r.options.format, tasks_pb2.SummaryFormat, "options.format")
-            checks.target_length(r.options.target_length, "options.target_length")
-        else:
-            # Unused by this task, but an unknown value still marks a malformed request.
-            checks.enum(r.options.format, tasks_pb2.SummaryFormat, "options.format")
-            checks.enum(r.options.target_length.unit, tasks_pb2.SummaryLengthUnit, "options.target_length.unit")
-        for i, config in enumerate(r.configurations[: s.max_eval_configs]):
             # Before any dataset is read (also checked, with the rest of each configuration, in _resolve).
             checks.enum(config.strategy, tasks_pb2.PromptStrategy, f"configurations[{i}].strategy")
             checks.enum(config.method, tasks_pb2.ClassifyMethod, f"configurations[{i}].method")

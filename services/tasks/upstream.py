@@ -13,7 +13,6 @@ import json
 import logging
 import random
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,9 +22,10 @@ from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
 from google.rpc.error_details_pb2 import RetryInfo
 
-from genloom._transport import KEEPALIVE_OPTIONS
+from genloom._transport import KEEPALIVE_OPTIONS, OVERLOADED_SERVER_MESSAGE
 from genloom.services.server import errors
 from genloom.services.server.interceptors import request_id_var
+from genloom.services.server.lru import LRUCache
 from genloom.services.tasks.settings import TasksSettings
 from genloom.v1 import (
     inference_pb2,
@@ -108,7 +108,7 @@ class Upstream:
         self.tokenizer: tokenizer_pb2_grpc.TokenizerServiceStub | None = None
         self.inference: inference_pb2_grpc.InferenceServiceStub | None = None
         # Keyed by the caller's spelling of a model: bounded, since a client can spell one model many ways.
-        self._facts: OrderedDict[str, ModelFacts] = OrderedDict()
+        self._facts: LRUCache[str, ModelFacts] = LRUCache(MAX_CACHED_MODELS)
         self._facts_lock = asyncio.Lock()
         self._api_key = settings.upstream_api_key
 
@@ -173,7 +173,6 @@ class Upstream:
         """Context window and chat template of `model` ("" = the default), asked once per model."""
         facts = self._facts.get(model)
         if facts is not None:
-            self._facts.move_to_end(model)
             return facts
         async with self._facts_lock:
             facts = self._facts.get(model)  # another call may have asked while this one waited for the lock
@@ -185,10 +184,8 @@ class Upstream:
                     tokenizer_pb2.GetTokenizerInfoRequest(model=model),
                 )
                 facts = ModelFacts(info.model, info.context_window, info.has_chat_template, info.vocab_size)
-                self._facts[info.model] = facts
-                self._facts[model] = facts
-                while len(self._facts) > MAX_CACHED_MODELS:
-                    self._facts.popitem(last=False)
+                self._facts.put(info.model, facts)
+                self._facts.put(model, facts)
             return facts
 
     async def tokenize(
@@ -264,10 +261,6 @@ _CALLER_ERRORS: dict[grpc.StatusCode, type[errors.ServiceError]] = {
 }
 
 
-# What gRPC answers when a server's GENLOOM_MAX_CONCURRENT_RPCS is reached: overload without RetryInfo.
-_CONCURRENCY_LIMIT = "Concurrent RPC limit exceeded"
-
-
 def translate(err: grpc.aio.AioRpcError, service: str) -> errors.ServiceError:
     """An upstream failure as the task service's error. The caller's mistakes keep their code (see _CALLER_ERRORS);
     a missing, overloaded or failing dependency is UNAVAILABLE / RESOURCE_EXHAUSTED / INTERNAL with a message of
@@ -294,7 +287,7 @@ def translate(err: grpc.aio.AioRpcError, service: str) -> errors.ServiceError:
     if code == grpc.StatusCode.CANCELLED:
         return errors.Unavailable(f"the call to the {service} service was cancelled; retry")
     retry_after = next((d.retry_delay.ToNanoseconds() / 1e9 for d in status if isinstance(d, RetryInfo)), None)
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and (retry_after is not None or _CONCURRENCY_LIMIT in details):
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and (retry_after is not None or OVERLOADED_SERVER_MESSAGE in details):
         logger.info("the %s service is overloaded: %s", service, details)
         return errors.ResourceExhausted(f"the {service} service is overloaded; retry later", retry_after or 1.0)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:

@@ -17,6 +17,7 @@ from typing import Any
 from genloom.services.finetune.registry import FineTunedModelResolver, is_fine_tuned
 from genloom.services.models.registry import ModelRegistry, ModelSpec
 from genloom.services.server.errors import InvalidArgument, NotFound, PermissionDenied, quote
+from genloom.services.server.lru import LRUCache
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ class TokenizerStore:
         self._fine_tuned = fine_tuned or FineTunedModelResolver(registry.settings.redis_url)
         # ft name -> its base model's name (the tokenizer itself stays in _loaded alone: ListTokenizers lists the
         # tokenizers this server loaded, not every fine-tuned name a client has asked about).
-        self._fine_tuned_bases: OrderedDict[str, str] = OrderedDict()
+        self._fine_tuned_bases: LRUCache[str, str] = LRUCache(_MAX_FINE_TUNED_NAMES)
 
     async def preload(self) -> None:
         """Load the configured models (default first)."""
@@ -238,10 +239,7 @@ class TokenizerStore:
                 f"{field}: fine-tuned model {quote(name)} is based on {quote(base_name)}, which this server can't "
                 f"load ({err.message})"
             ) from None
-        self._fine_tuned_bases[name] = base_name
-        self._fine_tuned_bases.move_to_end(name)
-        while len(self._fine_tuned_bases) > _MAX_FINE_TUNED_NAMES:
-            self._fine_tuned_bases.popitem(last=False)
+        self._fine_tuned_bases.put(name, base_name)
         return replace(base, name=name)
 
     def loaded(self) -> list[LoadedTokenizer]:

@@ -83,19 +83,25 @@ async def test_vocabulary_bounds_are_checked_by_the_task_service(tasks: TaskStac
     assert bad_request_fields(err.value) == ["sampling.top_k", "sampling.stop_token_ids[0]"]
 
 
-async def test_evaluate_names_the_configuration_whose_sampling_is_bad(tasks: TaskStack) -> None:
+def evaluate(
+    config_sampling: inference_pb2.SamplingParams, sampling: inference_pb2.SamplingParams
+) -> tasks_pb2.EvaluateRequest:
+    """A two-item classify Evaluate: a default configuration, and one with `config_sampling`."""
     records = [
         tasks_pb2.EvalRecord(classify=tasks_pb2.ClassifyExample(text=t, labels=[label]))
         for t, label in (("great", "positive"), ("awful", "negative"))
     ]
-    request = tasks_pb2.EvaluateRequest(
+    return tasks_pb2.EvaluateRequest(
         task=tasks_pb2.TASK_TYPE_CLASSIFY,
         dataset=tasks_pb2.EvalDataset(inline=tasks_pb2.EvalRecords(records=records)),
-        configurations=[
-            tasks_pb2.EvalConfiguration(),
-            tasks_pb2.EvalConfiguration(sampling=inference_pb2.SamplingParams(temperature=math.inf)),
-        ],
-        sampling=inference_pb2.SamplingParams(repetition_penalty=1e-45),
+        configurations=[tasks_pb2.EvalConfiguration(), tasks_pb2.EvalConfiguration(sampling=config_sampling)],
+        sampling=sampling,
+    )
+
+
+async def test_evaluate_names_the_configuration_whose_sampling_is_bad(tasks: TaskStack) -> None:
+    request = evaluate(
+        inference_pb2.SamplingParams(temperature=math.inf), inference_pb2.SamplingParams(repetition_penalty=1e-45)
     )
     with pytest.raises(grpc.aio.AioRpcError) as err:
         async for _ in tasks.stub.Evaluate(request):
@@ -142,18 +148,8 @@ async def test_min_new_tokens_raises_the_task_budget(tasks: TaskStack) -> None:
 
 
 async def test_evaluate_checks_the_vocabulary_before_any_item(tasks: TaskStack) -> None:
-    records = [
-        tasks_pb2.EvalRecord(classify=tasks_pb2.ClassifyExample(text=t, labels=[label]))
-        for t, label in (("great", "positive"), ("awful", "negative"))
-    ]
-    request = tasks_pb2.EvaluateRequest(
-        task=tasks_pb2.TASK_TYPE_CLASSIFY,
-        dataset=tasks_pb2.EvalDataset(inline=tasks_pb2.EvalRecords(records=records)),
-        configurations=[
-            tasks_pb2.EvalConfiguration(),
-            tasks_pb2.EvalConfiguration(sampling=inference_pb2.SamplingParams(top_k=4294967295)),
-        ],
-        sampling=inference_pb2.SamplingParams(stop_token_ids=[10**9]),
+    request = evaluate(
+        inference_pb2.SamplingParams(top_k=4294967295), inference_pb2.SamplingParams(stop_token_ids=[10**9])
     )
     with pytest.raises(grpc.aio.AioRpcError) as err:
         async for _ in tasks.stub.Evaluate(request, timeout=60):

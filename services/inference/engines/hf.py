@@ -87,7 +87,7 @@ from genloom.services.inference.engine import (
     ScoreQuery,
     TokenLogprob,
 )
-from genloom.services.inference.sampling import for_engine, option_problems
+from genloom.services.inference.sampling import engine_sampling
 from genloom.services.inference.settings import InferenceSettings
 
 logger = logging.getLogger(__name__)
@@ -359,8 +359,8 @@ class HFEngine(Engine):
         # An async generator: errors surface on the first iteration, inside the consumer's try, and nothing is
         # registered unless the stream is actually consumed.
         self._check_alive()
-        max_new_tokens = self._validate(request)
-        request = dataclasses.replace(request, sampling=for_engine(request.sampling))
+        max_new_tokens, sampling = self._validate(request)
+        request = dataclasses.replace(request, sampling=sampling)
         s = request.sampling
         req = _Request(
             request=request,
@@ -395,7 +395,8 @@ class HFEngine(Engine):
                     self._live.pop(request.request_id, None)
             self._wake.set()
 
-    def _validate(self, request: EngineRequest) -> int:
+    def _validate(self, request: EngineRequest) -> tuple[int, SamplingOptions]:
+        """The request's token budget and its sampling as this engine runs it; raises EngineError."""
         s = request.sampling
         prompt = request.prompt_token_ids
         if not prompt:
@@ -405,12 +406,10 @@ class HFEngine(Engine):
         window = self.info().context_window
         if len(prompt) >= window:
             raise EngineError(f"the prompt has {len(prompt)} tokens; the context window is {window}")
-        problems = option_problems(s, self._vocab_size)
-        if problems:
-            raise SamplingError(f"request {request.request_id!r}: " + "; ".join(problems))
+        sampling = engine_sampling(s, self._vocab_size)
         if request.adapter is not None and request.adapter not in self._adapters:
             raise AdapterError(f"unknown adapter {request.adapter!r}")
-        return min(s.max_new_tokens, window - len(prompt))
+        return min(s.max_new_tokens, window - len(prompt)), sampling
 
     async def abort(self, request_id: str) -> bool:
         with self._lock:

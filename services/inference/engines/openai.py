@@ -33,11 +33,10 @@ from genloom.services.inference.engine import (
     EngineRequest,
     FinishReason,
     RequestFailedError,
-    SamplingError,
     ScoreQuery,
     TokenLogprob,
 )
-from genloom.services.inference.sampling import for_engine, option_problems
+from genloom.services.inference.sampling import engine_sampling
 from genloom.services.inference.settings import InferenceSettings
 from genloom.services.server.errors import quote
 
@@ -137,11 +136,8 @@ class OpenAIEngine(Engine):
         assert self._client is not None, "start() first"
         if request.adapter is not None and request.adapter not in self._adapters:
             raise AdapterError(f"no adapter named {request.adapter!r} is loaded")
-        problems = option_problems(request.sampling)
-        if problems:
-            raise SamplingError("invalid sampling parameters: " + "; ".join(problems))
         # A tiny temperature is greedy here as in every engine (a remote vLLM would sample it at 0.01).
-        s = for_engine(request.sampling)
+        s = engine_sampling(request.sampling)
         body: dict[str, Any] = {
             "model": request.adapter or self._remote_model,
             "prompt": list(request.prompt_token_ids),

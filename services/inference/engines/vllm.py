@@ -58,7 +58,7 @@ from genloom.services.inference.engine import (
     ScoreQuery,
     TokenLogprob,
 )
-from genloom.services.inference.sampling import for_engine, option_problems
+from genloom.services.inference.sampling import engine_sampling
 from genloom.services.inference.settings import InferenceSettings
 
 logger = logging.getLogger(__name__)
@@ -272,10 +272,7 @@ class VLLMEngine(Engine):
     def _sampling_params(self, sampling: SamplingOptions) -> SamplingParams:
         # The shared limits first: vLLM itself accepts a repetition_penalty of 1e-45 (NaN logits in its sampler)
         # and raises a tiny temperature to 0.01 with a warning per request instead of decoding greedily.
-        problems = option_problems(sampling)
-        if problems:
-            raise SamplingError("invalid sampling parameters: " + "; ".join(problems))
-        sampling = for_engine(sampling)
+        sampling = engine_sampling(sampling)
         try:
             return SamplingParams(
                 output_kind=RequestOutputKind.DELTA,
