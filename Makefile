@@ -57,7 +57,8 @@ test: install node-deps redis
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy
+	@# mypy over the whole package: the SDK (sdk/genloom) and the servers (services/, imported as genloom.services).
+	$(BIN)/python scripts/typecheck.py
 
 bench: install
 	$(BIN)/python benchmarks/tokenizer.py

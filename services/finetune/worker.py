@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import redis
 from celery import Celery
 
-from genloom.services.finetune import registry
+from genloom.services.models import finetuned
 from genloom.services.finetune.jobs import Heartbeat, JobManager, describe_error
 from genloom.services.finetune.settings import FinetuneSettings
 from genloom.services.finetune.store import TERMINAL, Store, message_event
@@ -339,12 +339,12 @@ class Worker:
             )
             return done if moved else None
         method = "full" if job.spec.method == S.FINE_TUNE_METHOD_FULL else "lora"
-        name = registry.model_name(job.spec.base_model, job.spec.suffix, job_id)
+        name = finetuned.model_name(job.spec.base_model, job.spec.suffix, job_id)
         # Registered before the job says it succeeded, so the name is servable the moment a client sees that.
         self._when_reachable(
-            registry.register,
+            finetuned.register,
             self.store.r,
-            registry.FineTunedModel(name, job.spec.base_model, method, str(run.result_path), job_id),
+            finetuned.FineTunedModel(name, job.spec.base_model, method, str(run.result_path), job_id),
         )
 
         def succeed(j: finetune_pb2.Job) -> None:
@@ -367,7 +367,7 @@ class Worker:
             mutate=succeed,
         )
         if not moved:
-            self.store.r.delete(registry.key(name))  # cancelled or taken over at the very end: not a result
+            self.store.r.delete(finetuned.key(name))  # cancelled or taken over at the very end: not a result
             return None
         return done
 

@@ -38,7 +38,7 @@ from typing import Any
 
 import grpc
 
-from genloom.services.finetune.registry import FineTunedModel, FineTunedModelResolver, is_fine_tuned
+from genloom.services.models.finetuned import FineTunedModel, FineTunedModelResolver, is_fine_tuned
 from genloom.services.inference.adapters import AdapterSpec, inspect_adapter, resolve_adapter_path
 from genloom.services.inference.engine import (
     AdapterError,

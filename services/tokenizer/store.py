@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from genloom.services.finetune.registry import FineTunedModelResolver, is_fine_tuned
+from genloom.services.models.finetuned import FineTunedModelResolver, is_fine_tuned
 from genloom.services.models.registry import ModelRegistry, ModelSpec
 from genloom.services.server.errors import InvalidArgument, NotFound, PermissionDenied, quote
 from genloom.services.server.lru import LRUCache

@@ -26,8 +26,8 @@ import pytest_asyncio
 import redis
 import torch
 
-from genloom.services.finetune import registry
-from genloom.services.finetune.registry import FineTunedModel
+from genloom.services.models import finetuned
+from genloom.services.models.finetuned import FineTunedModel
 from genloom.services.inference.engine import Engine, EngineDeadError
 from genloom.services.inference.servicer import InferenceServicer, create_engine
 from genloom.services.inference.settings import InferenceSettings
@@ -64,7 +64,7 @@ MEETING = (
 def fresh_name(base: str = DEFAULT_MODEL) -> str:
     alphabet = string.digits + string.ascii_lowercase
     job_id = "ftjob-" + "".join(secrets.choice(alphabet) for _ in range(26))
-    return registry.model_name(base, "test", job_id)
+    return finetuned.model_name(base, "test", job_id)
 
 
 @pytest.fixture(scope="module")
@@ -138,14 +138,14 @@ def register(lora_dir: Path) -> Iterator[Register]:
         name: str | None = None, *, base_model: str = DEFAULT_MODEL, method: str = "lora", path: Path | None = None
     ) -> str:
         name = name or fresh_name()
-        _, _, job_id = registry.parse_name(name)
+        _, _, job_id = finetuned.parse_name(name)
         names.append(name)
-        registry.register(client, FineTunedModel(name, base_model, method, str(path or lora_dir), job_id))
+        finetuned.register(client, FineTunedModel(name, base_model, method, str(path or lora_dir), job_id))
         return name
 
     yield register_model
     if names:
-        client.delete(*(registry.key(n) for n in names))
+        client.delete(*(finetuned.key(n) for n in names))
     client.close()
 
 
@@ -205,7 +205,7 @@ async def test_ft_name_is_served_hot_and_equals_its_adapter_loaded_by_hand(
     base = await stub.Generate(generate_request())
     assert tuned.token_ids and tuned.token_ids != base.token_ids
 
-    by_hand = f"by-hand-{registry.parse_name(name)[2]}"
+    by_hand = f"by-hand-{finetuned.parse_name(name)[2]}"
     await stub.LoadAdapter(inference_pb2.LoadAdapterRequest(name=by_hand, path=str(lora_dir)))
     try:
         loaded = await stub.Generate(generate_request(adapter=by_hand))
@@ -227,7 +227,7 @@ async def test_ft_name_is_served_hot_and_equals_its_adapter_loaded_by_hand(
     adapters = {a.name: a for a in (await stub.ListAdapters(inference_pb2.ListAdaptersRequest())).adapters}
     info = adapters[name]
     assert info.source == inference_pb2.ADAPTER_SOURCE_FINE_TUNE and info.loaded and info.rank == 8
-    assert info.job_id == registry.parse_name(name)[2] and info.base_model == DEFAULT_MODEL
+    assert info.job_id == finetuned.parse_name(name)[2] and info.base_model == DEFAULT_MODEL
     assert by_hand not in adapters
     listed = {m.name: m for m in (await stub.ListModels(inference_pb2.ListModelsRequest())).models}
     assert listed[name].kind == inference_pb2.MODEL_KIND_FINE_TUNED_ADAPTER
@@ -457,7 +457,7 @@ async def test_full_ft_model_is_served_hot_by_an_engine_of_its_own(
     assert (described.kind, described.base_model, described.source) == (
         inference_pb2.MODEL_KIND_FINE_TUNED_FULL,
         DEFAULT_MODEL,
-        f"fine-tuning job {registry.parse_name(name)[2]}",  # never the server's artifact directory
+        f"fine-tuning job {finetuned.parse_name(name)[2]}",  # never the server's artifact directory
     )
     assert not described.ready and name not in await full_models_listed(stub)  # started on first use only
 
