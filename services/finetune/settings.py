@@ -7,13 +7,13 @@ from pathlib import Path
 
 from genloom.services.finetune.webhooks import WebhookPolicy
 from genloom.services.server.paths import canonical
-from genloom.services.server.settings import Settings, SettingsError, _default_cache, setting, split_list
+from genloom.services.server.settings import Settings, SettingsError, default_cache_dir, setting, split_list
 
 
 @dataclass(frozen=True)
 class FinetuneSettings(Settings):
     artifact_root: Path = setting(
-        _default_cache() / "finetune",
+        default_cache_dir() / "finetune",
         env="FINETUNE_ARTIFACT_ROOT",
         help="Artifact store: uploaded data, checkpoints and results, under jobs/<job-id>/. The service and every "
         "worker must see the same directory (a shared volume across machines).",

@@ -129,7 +129,8 @@ def split_list(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
-def _default_cache() -> Path:
+def default_cache_dir() -> Path:
+    """genloom's cache folder: $XDG_CACHE_HOME/genloom, else ~/.cache/genloom."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "genloom"
 
@@ -226,7 +227,7 @@ class ModelSettings(Settings):
         help="Extra models loaded at start, as comma-separated name=/path/to/hf-dir pairs (or bare paths).",
     )
     model_cache: Path = setting(
-        _default_cache() / "models",
+        default_cache_dir() / "models",
         env="MODEL_CACHE",
         help="Directory for converted models (the default model is converted here from its GGUF once).",
     )
