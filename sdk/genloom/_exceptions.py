@@ -1,15 +1,19 @@
-"""The SDK's exceptions: one root, one class per gRPC status, the status -> class mapping in one function."""
+"""The SDK's exceptions: one root, one class per gRPC status, the status -> class mapping in one function, and
+the fine-tuning outcomes raised on request (a failed job or sweep, a wait that ran out of time) together with the
+records that say why a job failed (`JobError`, `LineError`; `genloom.types.finetune` re-exports them)."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
+
+from genloom.v1 import finetune_pb2
 
 __all__ = [
     "APIStatusError",
@@ -20,17 +24,23 @@ __all__ = [
     "DeadlineExceededError",
     "FailedPreconditionError",
     "FieldViolation",
+    "FineTuneJobFailed",
     "GenLoomError",
     "InternalServerError",
     "InvalidArgumentError",
+    "JobError",
+    "JobErrorCodeName",
+    "LineError",
     "NotFoundError",
     "OutOfRangeError",
     "PermissionDeniedError",
     "ResourceExhaustedError",
+    "SweepFailed",
     "UnauthenticatedError",
     "UnavailableError",
     "UnimplementedError",
     "UnknownError",
+    "WaitTimeoutError",
 ]
 
 
@@ -144,6 +154,106 @@ class DataLossError(APIStatusError):
 
 class UnauthenticatedError(APIStatusError):
     code = grpc.StatusCode.UNAUTHENTICATED
+
+
+# --- fine-tuning outcomes ------------------------------------------------------------------------------------------
+
+JobErrorCodeName = Literal[
+    "invalid_data",
+    "model_unavailable",
+    "worker_lost",
+    "out_of_memory",
+    "unsupported",
+    "internal",
+    "all_trials_failed",
+]
+# JobErrorCode values by number, named like every fine-tuning enum of the SDK (genloom.types.finetune): the
+# value's name without its prefix, lowercased.
+_JOB_ERROR_CODES: dict[int, Any] = {
+    v.number: v.name.removeprefix("JOB_ERROR_CODE_").lower()
+    for v in finetune_pb2.JobErrorCode.DESCRIPTOR.values
+    if v.number != 0
+}
+
+
+@dataclass(frozen=True)
+class LineError:
+    """A problem on one line of a data file."""
+
+    file: str
+    """"training" or "validation"."""
+    line: int
+    """1-based line number."""
+    message: str
+    """What is wrong, e.g. "missing key 'completion'"."""
+
+    def __str__(self) -> str:
+        return f"{self.file} line {self.line}: {self.message}"
+
+
+@dataclass(frozen=True)
+class JobError:
+    """Why a job or sweep failed."""
+
+    code: JobErrorCodeName | Literal["unspecified"]
+    """Machine-readable reason: "invalid_data", "model_unavailable", "worker_lost", "out_of_memory",
+    "unsupported", "internal" or (sweeps) "all_trials_failed"."""
+    message: str
+    """Human-readable explanation."""
+    line_errors: list[LineError] = field(default_factory=list)
+    """For "invalid_data": the offending lines, in file and line order (at most 50)."""
+
+    @classmethod
+    def from_pb(cls, pb: finetune_pb2.JobError) -> JobError:
+        return cls(
+            _JOB_ERROR_CODES.get(pb.code, "unspecified"),
+            pb.message,
+            [LineError(e.file, e.line, e.message) for e in pb.line_errors],
+        )
+
+
+class _FailedRecord(Protocol):
+    """What FineTuneJobFailed and SweepFailed read from the job or sweep record (a FineTuneJob or a Sweep)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def error(self) -> JobError | None: ...
+
+
+_Record = TypeVar("_Record", bound=_FailedRecord)
+
+
+class FineTuneJobFailed(GenLoomError, Generic[_Record]):
+    """`FineTuneJob.raise_for_status()` on a failed job: `job` is the record, `error` why it failed."""
+
+    def __init__(self, job: _Record) -> None:
+        self.job = job
+        self.error = job.error or JobError("unspecified", "")
+        lines = [f"fine-tuning job {job.id} failed ({self.error.code}): {self.error.message}"]
+        lines += [f"  {e}" for e in self.error.line_errors[:10]]
+        if len(self.error.line_errors) > 10:
+            lines.append(f"  ... and {len(self.error.line_errors) - 10} more")
+        super().__init__("\n".join(lines))
+
+    @property
+    def line_errors(self) -> list[LineError]:
+        """For invalid data: the offending lines."""
+        return self.error.line_errors
+
+
+class SweepFailed(GenLoomError, Generic[_Record]):
+    """`Sweep.raise_for_status()` on a failed sweep: `sweep` is the record, `error` why it failed."""
+
+    def __init__(self, sweep: _Record) -> None:
+        self.sweep = sweep
+        self.error = sweep.error or JobError("unspecified", "")
+        super().__init__(f"sweep {sweep.id} failed ({self.error.code}): {self.error.message}")
+
+
+class WaitTimeoutError(GenLoomError, TimeoutError):
+    """`wait()` or `watch()` ran out of time; the job or sweep carries on (cancel it to stop it)."""
 
 
 _BY_CODE: dict[grpc.StatusCode, type[APIStatusError]] = {

@@ -59,7 +59,7 @@ def test_wheel_from_the_build_context_has_generated_stubs_and_the_probe(tmp_path
     for service in ("tokenizer", "inference", "tasks", "finetune"):
         assert f"genloom/v1/{service}_pb2.py" in names and f"genloom/v1/{service}_pb2_grpc.py" in names
     assert "genloom/services/server/probe.py" in names
-    assert "genloom/cli.py" in names
+    assert "genloom/cli/__init__.py" in names
 
     # Imported from the wheel's files, ahead of this checkout's editable install.
     check = (

@@ -67,6 +67,11 @@ def _sampling_params(options: dict[str, Any]) -> inference_pb2.SamplingParams:
     return sampling
 
 
+def _generate_options(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of `generate()` or `stream()` from their locals(): without self, prompt and timeout."""
+    return {k: v for k, v in arguments.items() if k not in ("self", "prompt", "timeout")}
+
+
 def _generate_request(prompt: PromptLike, options: dict[str, Any]) -> inference_pb2.GenerateRequest:
     sampling = _sampling_params(options)
     request = inference_pb2.GenerateRequest(
@@ -221,14 +226,35 @@ class Inference:
             request_id: your id for this request (for `abort()` and logs).
             timeout: seconds (default: the client's); the generation is aborted on the server when it expires.
         """
-        options = {k: v for k, v in locals().items() if k not in ("self", "prompt", "timeout")}
-        request = _generate_request(prompt, options)
+        request = _generate_request(prompt, _generate_options(locals()))
         return Generation.from_pb(self._t.unary(self._stub.Generate, request, timeout=timeout))
 
-    def stream(self, prompt: PromptLike, *, timeout: float | None = _DEFAULT, **options: Any) -> GenerationStream:
+    def stream(
+        self,
+        prompt: PromptLike,
+        *,
+        model: str = "",
+        adapter: str = "",
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        stop: Sequence[str] | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        seed: int | None = None,
+        logprobs: int | None = None,
+        min_new_tokens: int | None = None,
+        ignore_eos: bool = False,
+        skip_special_tokens: bool | None = None,
+        truncation: Truncation = None,
+        add_special_tokens: bool | None = None,
+        request_id: str | None = None,
+        timeout: float | None = _DEFAULT,
+    ) -> GenerationStream:
         """Like `generate()` (same keyword arguments), but yields `GenerationDelta`s as tokens are produced.
         Closing the stream cancels the call and aborts the generation on the server."""
-        request = _generate_request(prompt, _stream_options(options))
+        request = _generate_request(prompt, _generate_options(locals()))
         stream_request = inference_pb2.GenerateStreamRequest.FromString(request.SerializeToString())
         return GenerationStream(self._t.stream(self._stub.GenerateStream, stream_request, timeout=timeout))
 
@@ -289,14 +315,58 @@ class AsyncInference:
         self._t = transport
         self._stub = inference_pb2_grpc.InferenceServiceStub(transport.channel)
 
-    async def generate(self, prompt: PromptLike, *, timeout: float | None = _DEFAULT, **options: Any) -> Generation:
+    async def generate(
+        self,
+        prompt: PromptLike,
+        *,
+        model: str = "",
+        adapter: str = "",
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        stop: Sequence[str] | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        seed: int | None = None,
+        logprobs: int | None = None,
+        min_new_tokens: int | None = None,
+        ignore_eos: bool = False,
+        skip_special_tokens: bool | None = None,
+        truncation: Truncation = None,
+        add_special_tokens: bool | None = None,
+        request_id: str | None = None,
+        timeout: float | None = _DEFAULT,
+    ) -> Generation:
         """See `Inference.generate` (same keyword arguments)."""
-        request = _generate_request(prompt, _stream_options(options))
+        request = _generate_request(prompt, _generate_options(locals()))
         return Generation.from_pb(await self._t.unary(self._stub.Generate, request, timeout=timeout))
 
-    def stream(self, prompt: PromptLike, *, timeout: float | None = _DEFAULT, **options: Any) -> AsyncGenerationStream:
+    def stream(
+        self,
+        prompt: PromptLike,
+        *,
+        model: str = "",
+        adapter: str = "",
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        stop: Sequence[str] | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        seed: int | None = None,
+        logprobs: int | None = None,
+        min_new_tokens: int | None = None,
+        ignore_eos: bool = False,
+        skip_special_tokens: bool | None = None,
+        truncation: Truncation = None,
+        add_special_tokens: bool | None = None,
+        request_id: str | None = None,
+        timeout: float | None = _DEFAULT,
+    ) -> AsyncGenerationStream:
         """See `Inference.stream`."""
-        request = _generate_request(prompt, _stream_options(options))
+        request = _generate_request(prompt, _generate_options(locals()))
         stream_request = inference_pb2.GenerateStreamRequest.FromString(request.SerializeToString())
         return AsyncGenerationStream(self._t.stream(self._stub.GenerateStream, stream_request, timeout=timeout))
 
@@ -346,31 +416,3 @@ class AsyncInference:
         """See `Inference.adapters`."""
         response = await self._t.unary(self._stub.ListAdapters, inference_pb2.ListAdaptersRequest(), timeout=timeout)
         return [AdapterInfo.from_pb(a) for a in response.adapters]
-
-
-_GENERATE_OPTIONS = {
-    "model": "",
-    "adapter": "",
-    "max_new_tokens": None,
-    "temperature": None,
-    "top_k": None,
-    "top_p": None,
-    "repetition_penalty": None,
-    "stop": None,
-    "stop_token_ids": None,
-    "seed": None,
-    "logprobs": None,
-    "min_new_tokens": None,
-    "ignore_eos": False,
-    "skip_special_tokens": None,
-    "truncation": None,
-    "add_special_tokens": None,
-    "request_id": None,
-}
-
-
-def _stream_options(options: dict[str, Any]) -> dict[str, Any]:
-    unknown = set(options) - set(_GENERATE_OPTIONS)
-    if unknown:
-        raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(unknown))}")
-    return {**_GENERATE_OPTIONS, **options}

@@ -4,451 +4,56 @@ Every task method takes one input or a batch and returns the batch-shaped result
 `Classifications`) either way, like openai-python's `embeddings.create`: `result.results[0]`, or the shortcuts
 `result.summaries`, `result.answers`, `result.labels`. Sampling keyword arguments are those of
 `inference.generate()`, with the task defaults of tasks.proto for the ones left None (temperature 0).
+
+This module holds the resources and is the public import path; the request building lives in `_task_requests`,
+the summary and evaluation streams in `_task_streams`.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from types import TracebackType
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import grpc
-
-from genloom._exceptions import GenLoomError, error_from_rpc
 from genloom._transport import _DEFAULT, AsyncTransport, SyncTransport
-from genloom.resources.inference import Truncation, _sampling_params, _side
-from genloom.types.tasks import (
-    CLASSIFY_METHODS,
-    EXAMPLE_SELECTIONS,
-    STRATEGIES,
-    SUMMARY_FORMATS,
-    TASKS,
-    AnswerExample,
+from genloom.resources._task_requests import (
+    SAMPLING_OPTIONS,
+    LabelsLike,
+    QuestionsLike,
+    _answer_request,
+    _classify_request,
+    _evaluate_request,
+    _options,
+    _summarize_request,
+    _summarize_stream_request,
+)
+from genloom.resources._task_streams import AsyncEvaluation, AsyncSummarizeStream, Evaluation, SummarizeStream
+from genloom.resources.inference import Truncation
+from genloom.types._evaluation import EvalConfiguration
+from genloom.types._task_inputs import (
     AnswerExampleLike,
-    AnswerItem,
-    AnswerItemLike,
-    Answers,
     ChunkingOptions,
-    Classifications,
-    ClassifyExample,
     ClassifyExampleLike,
     ClassifyMethodName,
-    ClassLabel,
-    ClassLabelLike,
-    EvalConfiguration,
-    EvalConfigurationResult,
     EvalDatasetLike,
-    EvalEvent,
-    EvalExampleSource,
-    EvalProgress,
-    EvalSummary,
     StrategyName,
-    Summaries,
-    SummarizeEvent,
-    SummarizeExample,
     SummarizeExampleLike,
-    SummarizeFinish,
-    SummarizeProgress,
-    SummaryDelta,
     SummaryFormatName,
-    SummaryResult,
     TaskName,
-    enum_value,
-    eval_dataset_to_pb,
-    eval_event_from_pb,
-    summarize_event_from_pb,
 )
-from genloom.v1 import common_pb2, inference_pb2, tasks_pb2, tasks_pb2_grpc
-
-LabelsLike = Sequence[ClassLabelLike] | Mapping[str, str]
-"""Label names, ClassLabels, (name, description) pairs, or one mapping {name: description}."""
-QuestionsLike = str | AnswerItem | Mapping[str, Any] | Sequence[AnswerItemLike]
-"""One question (a str, an AnswerItem or a mapping), or a list of questions ((question, context) pairs too)."""
-
-SAMPLING_OPTIONS = (
-    "max_new_tokens",
-    "temperature",
-    "top_k",
-    "top_p",
-    "repetition_penalty",
-    "stop",
-    "stop_token_ids",
-    "seed",
-    "min_new_tokens",
-    "ignore_eos",
-    "skip_special_tokens",
-)
-"""The `inference.generate()` keyword arguments the task methods take (logprobs: the task service sets them)."""
-
-
-def _model(options: dict[str, Any]) -> common_pb2.ModelRef:
-    return common_pb2.ModelRef(model=options.pop("model") or "", adapter=options.pop("adapter") or "")
-
-
-def _sampling(options: dict[str, Any]) -> inference_pb2.SamplingParams:
-    """Pop the sampling arguments; anything left over in `options` is a caller's mistake."""
-    sampling = _sampling_params(options)
-    if options:
-        raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(options))}")
-    return sampling
-
-
-def _configuration_sampling(sampling: Mapping[str, Any]) -> inference_pb2.SamplingParams:
-    unknown = set(sampling) - set(SAMPLING_OPTIONS)
-    if unknown:
-        raise TypeError(f"unexpected sampling options: {', '.join(sorted(unknown))}")
-    return _sampling_params(dict(sampling))
-
-
-def _target_length(words: int | None, sentences: int | None) -> tasks_pb2.SummaryLength | None:
-    if words is not None and sentences is not None:
-        raise ValueError("give target_words or target_sentences, not both")
-    if words is not None:
-        return tasks_pb2.SummaryLength(unit=tasks_pb2.SUMMARY_LENGTH_UNIT_WORDS, value=words)
-    if sentences is not None:
-        return tasks_pb2.SummaryLength(unit=tasks_pb2.SUMMARY_LENGTH_UNIT_SENTENCES, value=sentences)
-    return None
-
-
-def _chunking(chunking: ChunkingOptions | None) -> tasks_pb2.ChunkingOptions | None:
-    return chunking.to_pb() if chunking is not None else None
-
-
-def _strategy(strategy: StrategyName | None) -> tasks_pb2.PromptStrategy:
-    return enum_value(STRATEGIES, strategy, "strategy")
-
-
-def _labels(labels: LabelsLike) -> list[tasks_pb2.ClassLabel]:
-    if isinstance(labels, str):
-        raise TypeError(f"labels must be a list of labels, not a str (did you mean {labels.split(',')!r}?)")
-    if isinstance(labels, Mapping):
-        return [ClassLabel(name, description).to_pb() for name, description in labels.items()]
-    return [ClassLabel.coerce(label).to_pb() for label in labels]
-
-
-def _batch(inputs: str | Sequence[str], what: str) -> list[str]:
-    if isinstance(inputs, str):
-        return [inputs]
-    items = list(inputs)
-    for i, item in enumerate(items):
-        if not isinstance(item, str):
-            raise TypeError(f"{what}[{i}] must be a str, not {type(item).__name__}")
-    return items
-
-
-def _answer_items(questions: QuestionsLike, context: str | None) -> list[AnswerItem]:
-    items: list[Any] = [questions] if isinstance(questions, str | AnswerItem | Mapping) else list(questions)
-    return [AnswerItem(q, context or "") if isinstance(q, str) else AnswerItem.coerce(q) for q in items]
-
-
-def _summarize_fields(options: dict[str, Any]) -> dict[str, Any]:
-    """The fields SummarizeRequest and SummarizeStreamRequest share (they have the same numbers)."""
-    fields = dict(
-        model=_model(options),
-        strategy=_strategy(options.pop("strategy")),
-        examples=[SummarizeExample.coerce(e).to_pb() for e in options.pop("examples")],
-        max_examples=options.pop("max_examples"),
-        target_length=_target_length(options.pop("target_words"), options.pop("target_sentences")),
-        format=enum_value(SUMMARY_FORMATS, options.pop("format"), "format"),
-        instruction=options.pop("instruction") or "",
-        chunking=_chunking(options.pop("chunking")),
-        truncation=_side(options.pop("truncation")),
-    )
-    fields["sampling"] = _sampling(options)
-    return fields
-
-
-def _summarize_request(documents: str | Sequence[str], options: dict[str, Any]) -> tasks_pb2.SummarizeRequest:
-    return tasks_pb2.SummarizeRequest(documents=_batch(documents, "documents"), **_summarize_fields(options))
-
-
-def _summarize_stream_request(document: str, options: dict[str, Any]) -> tasks_pb2.SummarizeStreamRequest:
-    if not isinstance(document, str):
-        raise TypeError(f"summarize_stream() takes one document (a str), not {type(document).__name__}")
-    return tasks_pb2.SummarizeStreamRequest(document=document, **_summarize_fields(options))
-
-
-def _answer_request(questions: Any, options: dict[str, Any]) -> tasks_pb2.AnswerRequest:
-    items = _answer_items(questions, options.pop("context"))
-    request = tasks_pb2.AnswerRequest(
-        model=_model(options),
-        items=[item.to_pb() for item in items],
-        strategy=_strategy(options.pop("strategy")),
-        examples=[AnswerExample.coerce(e).to_pb() for e in options.pop("examples")],
-        max_examples=options.pop("max_examples"),
-        instruction=options.pop("instruction") or "",
-        allow_unanswerable=options.pop("allow_unanswerable"),
-        chunking=_chunking(options.pop("chunking")),
-        truncation=_side(options.pop("truncation")),
-    )
-    request.sampling.CopyFrom(_sampling(options))
-    return request
-
-
-def _classify_request(texts: str | Sequence[str], options: dict[str, Any]) -> tasks_pb2.ClassifyRequest:
-    request = tasks_pb2.ClassifyRequest(
-        model=_model(options),
-        texts=_batch(texts, "texts"),
-        labels=_labels(options.pop("labels")),
-        multi_label=options.pop("multi_label"),
-        method=enum_value(CLASSIFY_METHODS, options.pop("method"), "method"),
-        calibrate=options.pop("calibrate"),
-        strategy=_strategy(options.pop("strategy")),
-        examples=[ClassifyExample.coerce(e).to_pb() for e in options.pop("examples")],
-        max_examples=options.pop("max_examples"),
-        instruction=options.pop("instruction") or "",
-        truncation=_side(options.pop("truncation")),
-        normalize_by_length=options.pop("normalize_by_length"),
-    )
-    threshold = options.pop("threshold")
-    if threshold is not None:
-        request.threshold = threshold
-    request.sampling.CopyFrom(_sampling(options))
-    return request
-
-
-def _example_source_to_pb(task: TaskName, source: EvalExampleSource) -> tasks_pb2.EvalExampleSource:
-    pb = tasks_pb2.EvalExampleSource(
-        selection=enum_value(EXAMPLE_SELECTIONS, source.selection, "selection"), seed=source.seed
-    )
-    if source.split is not None:
-        pb.split.CopyFrom(eval_dataset_to_pb(task, source.split))
-    return pb
-
-
-def _configuration_to_pb(task: TaskName, configuration: EvalConfiguration) -> tasks_pb2.EvalConfiguration:
-    c = configuration
-    pb = tasks_pb2.EvalConfiguration(
-        name=c.name,
-        strategy=_strategy(c.strategy),
-        model=common_pb2.ModelRef(model=c.model, adapter=c.adapter),
-        method=enum_value(CLASSIFY_METHODS, c.method, "method"),
-        calibrate=c.calibrate,
-    )
-    if c.shots is not None:
-        pb.shots = c.shots
-    if c.example_source is not None:
-        pb.example_source.CopyFrom(_example_source_to_pb(task, c.example_source))
-    if c.sampling is not None:
-        pb.sampling.CopyFrom(_configuration_sampling(c.sampling))
-    return pb
-
-
-def _evaluate_request(task: TaskName, dataset: EvalDatasetLike, options: dict[str, Any]) -> tasks_pb2.EvaluateRequest:
-    task_type = enum_value(TASKS, task, "task")
-    configurations = options.pop("configurations")
-    if configurations is None:
-        configurations = [EvalConfiguration()]
-    prompt_options = tasks_pb2.TaskPromptOptions(
-        labels=_labels(options.pop("labels")),
-        multi_label=options.pop("multi_label"),
-        target_length=_target_length(options.pop("target_words"), options.pop("target_sentences")),
-        format=enum_value(SUMMARY_FORMATS, options.pop("format"), "format"),
-        allow_unanswerable=options.pop("allow_unanswerable"),
-        instruction=options.pop("instruction") or "",
-    )
-    request = tasks_pb2.EvaluateRequest(
-        task=task_type,
-        dataset=eval_dataset_to_pb(task, dataset),
-        holdout_examples=options.pop("holdout_examples"),
-        configurations=[_configuration_to_pb(task, EvalConfiguration.coerce(c)) for c in configurations],
-        options=prompt_options,
-        chunking=_chunking(options.pop("chunking")),
-        truncation=_side(options.pop("truncation")),
-        limit=options.pop("limit"),
-        concurrency=options.pop("concurrency"),
-        return_predictions=options.pop("return_predictions"),
-    )
-    examples = options.pop("examples")
-    if examples is not None:
-        request.examples.CopyFrom(eval_dataset_to_pb(task, examples))
-    request.sampling.CopyFrom(_sampling(options))
-    return request
-
-
-def _options(arguments: dict[str, Any], *positional: str) -> dict[str, Any]:
-    """A method's keyword arguments from its locals(): without self, timeout and the positional ones."""
-    return {k: v for k, v in arguments.items() if k not in ("self", "timeout", *positional)}
-
-
-class _SummarizeStreamState:
-    """What the sync and async summary streams share: the call, progress, the text so far and the finish."""
-
-    def __init__(self, call: Any) -> None:
-        self._call = call
-        self.progress: SummarizeProgress | None = None
-        """The latest map/reduce progress (only for documents that had to be chunked)."""
-        self.finish: SummarizeFinish | None = None
-        """The end of the summary, once the stream is exhausted."""
-        self._parts: list[str] = []
-
-    @property
-    def text(self) -> str:
-        """Summary text received so far."""
-        return "".join(self._parts)
-
-    @property
-    def final(self) -> SummaryResult | None:
-        """The whole summary as `summarize()` would return it, once the stream is exhausted; else None."""
-        if self.finish is None:
-            return None
-        return SummaryResult(self.text, self.finish.finish_reason, self.finish.context, self.finish.usage)
-
-    def _accept(self, message: tasks_pb2.SummarizeStreamResponse) -> SummarizeEvent | None:
-        event = summarize_event_from_pb(message)
-        if isinstance(event, SummaryDelta):
-            self._parts.append(event.text)
-        elif isinstance(event, SummarizeProgress):
-            self.progress = event
-        elif isinstance(event, SummarizeFinish):
-            self.finish = event
-        return event
-
-    def close(self) -> None:
-        """Cancel the call if it is still running (this stops the summary's generations on the server)."""
-        self._call.cancel()
-
-
-class SummarizeStream(_SummarizeStreamState):
-    """Iterate over `SummarizeProgress` (chunked documents only), `SummaryDelta` and, last, `SummarizeFinish`;
-    `text` holds the summary so far and `final` the whole result once done. `close()` (or leaving a `with`
-    block, or abandoning the iteration) cancels the call."""
-
-    def __iter__(self) -> Iterator[SummarizeEvent]:
-        try:
-            for message in self._call:
-                event = self._accept(message)
-                if event is not None:
-                    yield event
-        except grpc.RpcError as err:
-            raise error_from_rpc(err) from None
-        finally:
-            self.close()
-
-    def __enter__(self) -> SummarizeStream:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-
-class AsyncSummarizeStream(_SummarizeStreamState):
-    """`SummarizeStream` for asyncio: `async for event in stream`."""
-
-    async def __aiter__(self) -> AsyncIterator[SummarizeEvent]:
-        try:
-            async for message in self._call:
-                event = self._accept(message)
-                if event is not None:
-                    yield event
-        except grpc.RpcError as err:
-            raise error_from_rpc(err) from None
-        finally:
-            self.close()
-
-    async def __aenter__(self) -> AsyncSummarizeStream:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-
-class _EvaluationState:
-    """What the sync and async evaluation streams share: the call, the latest progress, results and summary."""
-
-    def __init__(self, call: Any) -> None:
-        self._call = call
-        self.progress: EvalProgress | None = None
-        """The latest progress."""
-        self.results: list[EvalConfigurationResult] = []
-        """The configurations finished so far, in order."""
-        self.summary: EvalSummary | None = None
-        """The summary, once the stream is exhausted."""
-
-    def _accept(self, message: tasks_pb2.EvaluateResponse) -> EvalEvent | None:
-        event = eval_event_from_pb(message)
-        if isinstance(event, EvalProgress):
-            self.progress = event
-        elif isinstance(event, EvalConfigurationResult):
-            self.results.append(event)
-        elif isinstance(event, EvalSummary):
-            self.summary = event
-        return event
-
-    def _require_summary(self) -> EvalSummary:
-        if self.summary is None:
-            raise GenLoomError("the Evaluate stream ended without a summary")
-        return self.summary
-
-    def close(self) -> None:
-        """Cancel the evaluation if it is still running."""
-        self._call.cancel()
-
-
-class Evaluation(_EvaluationState):
-    """An evaluation in progress. Iterate over `EvalProgress`, `EvalPrediction` (with return_predictions),
-    `EvalConfigurationResult` per configuration and, last, `EvalSummary`; or call `wait()` for the summary.
-    `close()` (or leaving a `with` block, or abandoning the iteration) cancels the evaluation."""
-
-    def __iter__(self) -> Iterator[EvalEvent]:
-        try:
-            for message in self._call:
-                event = self._accept(message)
-                if event is not None:
-                    yield event
-        except grpc.RpcError as err:
-            raise error_from_rpc(err) from None
-        finally:
-            self.close()
-
-    def wait(self) -> EvalSummary:
-        """Run the evaluation to its end (or consume the rest of it) and return the summary."""
-        if self.summary is None:
-            for _ in self:
-                pass
-        return self._require_summary()
-
-    def __enter__(self) -> Evaluation:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-
-class AsyncEvaluation(_EvaluationState):
-    """`Evaluation` for asyncio: `async for event in evaluation`, or `await evaluation.wait()`."""
-
-    async def __aiter__(self) -> AsyncIterator[EvalEvent]:
-        try:
-            async for message in self._call:
-                event = self._accept(message)
-                if event is not None:
-                    yield event
-        except grpc.RpcError as err:
-            raise error_from_rpc(err) from None
-        finally:
-            self.close()
-
-    async def wait(self) -> EvalSummary:
-        """See `Evaluation.wait`."""
-        if self.summary is None:
-            async for _ in self:
-                pass
-        return self._require_summary()
-
-    async def __aenter__(self) -> AsyncEvaluation:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
+from genloom.types._task_results import Answers, Classifications, Summaries
+from genloom.v1 import tasks_pb2_grpc
+
+__all__ = [
+    "SAMPLING_OPTIONS",
+    "AsyncEvaluation",
+    "AsyncSummarizeStream",
+    "AsyncTasks",
+    "Evaluation",
+    "LabelsLike",
+    "QuestionsLike",
+    "SummarizeStream",
+    "Tasks",
+]
 
 
 class Tasks:

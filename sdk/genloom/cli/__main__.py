@@ -1,0 +1,5 @@
+"""`python -m genloom.cli`: the `genloom` command, as the console script runs it."""
+
+from genloom.cli import main
+
+main()
