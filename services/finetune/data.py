@@ -7,8 +7,9 @@ sees exactly the ids serving will send:
   encode without special tokens); the assistant turns are isolated by rendering prefixes of the conversation.
 - PROMPT_COMPLETION tokenizes the prompt as InferenceService.Generate does a `text` prompt (special tokens added).
 - TASK_RECORDS builds the zero-shot prompt with the task service's own builders (tasks/prompts.py) and tokenizes
-  its TokenizerInput through the tokenizer servicer's own encoding, with the flags the task service sends; the
-  target is written as the task service's reply parsers (classify.map_labels, answer.is_unanswerable) read it.
+  its TokenizerInput through the tokenizer service's own encoding (LoadedTokenizer.encode_inputs), with the flags
+  the task service sends; the target is written as the task service's reply parsers (classify.map_labels,
+  answer.is_unanswerable) read it.
 
 Problems are reported per line (LineProblem -> finetune_pb2.LineError) so a user can fix a file in one pass. This
 module must stay importable without torch: the gRPC service validates files with it, not only the workers.
@@ -36,8 +37,6 @@ from genloom.services.tasks.prompts import (
     reply_prefix,
     summarize_prompt,
 )
-from genloom.services.tokenizer.servicer import TokenizerServicer
-from genloom.services.tokenizer.settings import TokenizerSettings
 from genloom.services.tokenizer.store import LoadedTokenizer
 from genloom.v1 import finetune_pb2, tasks_pb2
 
@@ -56,7 +55,7 @@ _ROLES = ("system", "user", "assistant")
 _MESSAGE_KEYS = ("role", "content")
 #: Where the task service stops a reply of a model without a chat template (the stop sequences classify.py,
 #: answer.py and summarize.py pass to Generate): a target containing one would be cut short when served.
-_PLAIN_STOPS = {
+_PLAIN_STOPS: dict[int, str] = {
     tasks_pb2.TASK_TYPE_CLASSIFY: "\n",
     tasks_pb2.TASK_TYPE_ANSWER: "\n",
     tasks_pb2.TASK_TYPE_SUMMARIZE: "\n\n",
@@ -371,8 +370,6 @@ class _Encoder:
         self.specials = {s.token for s in tok.special_tokens}
         eos = getattr(tok.hf, "eos_token_id", None)
         self.eos: int | None = int(eos) if eos is not None else None
-        # The tokenizer service's own encoding of TokenizerInputs (it reads nothing but its settings' batch limit).
-        self._tokenizer_service = TokenizerServicer(None, TokenizerSettings())
         self.names = [label.name for label in options.labels]
         ends_with_eos = data_format == PROMPT_COMPLETION or (data_format == TASK_RECORDS and not self.chat)
         if ends_with_eos and self.eos is None:
@@ -473,7 +470,7 @@ class _Encoder:
         rendered with the generation prompt)."""
         inputs = [spec.tokenizer_input(self.chat)]
         try:
-            (encoding,) = self._tokenizer_service._encode_inputs(self.tok, inputs, False, True)
+            (encoding,) = self.tok.encode_inputs(inputs, False, True)
         except InvalidArgument as err:
             raise _Bad(err.message) from None
         return list(encoding.ids)

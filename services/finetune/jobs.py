@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import redis
 from google.protobuf import json_format
@@ -40,7 +41,10 @@ from genloom.services.server.lru import LRUCache
 from genloom.services.server.paths import canonical, resolve_within
 from genloom.services.server.settings import ModelSettings
 from genloom.services.tokenizer.store import LoadedTokenizer, load_tokenizer
-from genloom.v1 import finetune_pb2
+from genloom.v1 import finetune_pb2, tasks_pb2
+
+if TYPE_CHECKING:
+    from genloom.services.finetune.taskqueue import Sender
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +132,7 @@ class JobData:
     error_count: int
     # For task records: the prompt options the examples were rendered with (labels taken from the data when the
     # job gave none); serving must use the same to get the same prompt.
-    task_options: object = None
+    task_options: tasks_pb2.TaskPromptOptions | None = None
     data_format: int = 0
 
 
@@ -138,7 +142,7 @@ class JobManager:
         store: Store,
         models: ModelSettings,
         settings: FinetuneSettings,
-        send: Callable[[str], None],
+        send: Sender,
     ) -> None:
         """`send(job_id)` puts a job's training task on the queue."""
         self.store = store
@@ -458,7 +462,7 @@ class JobManager:
     def fail(
         self,
         job_id: str,
-        code: int,
+        code: finetune_pb2.JobErrorCode,
         message: str,
         allowed: list[int] | None = None,
         line_errors: list[finetune_pb2.LineError] | None = None,
@@ -508,7 +512,7 @@ class JobManager:
             # Running: the training loop sees the flag after its current step.
             self.store.set_cancel_flag(job_id)
 
-            def request(j: finetune_pb2.Job) -> list[finetune_pb2.JobEvent] | bool:
+            def request(j: finetune_pb2.Job) -> list[finetune_pb2.JobEvent] | Literal[False]:
                 if j.state != S.JOB_STATE_RUNNING:
                     return False
                 already = j.cancel_requested

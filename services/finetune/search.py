@@ -68,7 +68,7 @@ def _kind(field: FieldDescriptor) -> str:
 
 # Hyperparameters field name -> "float" | "int" | "enum" | "bool" | "list", read from the proto so a field added
 # there is searchable without touching this module.
-HYPERPARAMETER_KINDS: dict[str, str] = {f.name: _kind(f) for f in finetune_pb2.Hyperparameters.DESCRIPTOR.fields}
+HYPERPARAMETER_KINDS: dict[str, str] = {name: _kind(f) for name, f in job_spec.HYPERPARAMETER_FIELDS.items()}
 
 # Which ParameterValue cases each kind accepts (the ParameterValue field comments).
 _ACCEPTED: dict[str, tuple[str, ...]] = {
@@ -100,7 +100,7 @@ def parameter_value(name: str, value: finetune_pb2.ParameterValue) -> Any:
         return value.bool_value
     if kind == "list":
         return list(value.string_list.values)
-    enum = job_spec.enum_of(finetune_pb2.Hyperparameters.DESCRIPTOR.fields_by_name[name])
+    enum = job_spec.enum_of(job_spec.HYPERPARAMETER_FIELDS[name])
     names = job_spec.enum_value_names(enum)
     prefix = enum.values_by_number[0].name.removesuffix("UNSPECIFIED").lower()
     key = value.string_value.strip().lower().removeprefix(prefix)
@@ -117,7 +117,7 @@ def _scalar(name: str, value: finetune_pb2.ParameterValue) -> bool | int | float
     if kind == "list":
         return ",".join(python)
     if kind == "enum":
-        enum = job_spec.enum_of(finetune_pb2.Hyperparameters.DESCRIPTOR.fields_by_name[name])
+        enum = job_spec.enum_of(job_spec.HYPERPARAMETER_FIELDS[name])
         prefix = enum.values_by_number[0].name.removesuffix("UNSPECIFIED")
         return str(enum.values_by_number[python].name.removeprefix(prefix).lower())
     return python  # type: ignore[no-any-return]

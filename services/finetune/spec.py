@@ -18,7 +18,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from google.protobuf.descriptor import EnumDescriptor, FieldDescriptor
 from google.protobuf.message import Message
@@ -66,7 +66,11 @@ DEFAULT_MAX_CHECKPOINTS = 3
 DEFAULT_MAX_GRAD_NORM = 1.0
 DEFAULT_VALIDATION_SPLIT = 0.1
 
-_HYPERPARAMETER_FIELDS: dict[str, FieldDescriptor] = {f.name: f for f in finetune_pb2.Hyperparameters.DESCRIPTOR.fields}
+# Hyperparameters field name -> its descriptor. (protobuf's stubs type a message's descriptors as those of either
+# implementation, pure-Python or upb, which share this API: the cast picks one.)
+HYPERPARAMETER_FIELDS: dict[str, FieldDescriptor] = {
+    f.name: cast(FieldDescriptor, f) for f in finetune_pb2.Hyperparameters.DESCRIPTOR.fields
+}
 
 
 def _number(value: float) -> str:
@@ -179,7 +183,7 @@ def hyperparameter_problem(name: str, value: Any, settings: FinetuneSettings) ->
     `value` is what would be assigned to the field: a number, an enum number, a bool or a list of strings.
     Sweeps check each searched value with this.
     """
-    field = _HYPERPARAMETER_FIELDS[name]
+    field = HYPERPARAMETER_FIELDS[name]
     if field.is_repeated:
         return _target_modules_problem(list(value))
     if field.type == FieldDescriptor.TYPE_BOOL:
@@ -224,7 +228,7 @@ def has_validation(spec: finetune_pb2.JobSpec) -> bool:
 
 def lora_field_set(hp: finetune_pb2.Hyperparameters, name: str) -> bool:
     """Whether a LoRA-only field was given a value (rather than left to its default)."""
-    field = _HYPERPARAMETER_FIELDS[name]
+    field = HYPERPARAMETER_FIELDS[name]
     if field.is_repeated:
         return len(getattr(hp, name)) > 0
     if field.has_presence:
@@ -384,7 +388,7 @@ class Checks(Violations):
 
     def hyperparameters(self, hp: finetune_pb2.Hyperparameters, *, method: int, validation: bool, field: str) -> None:
         bounds = hyperparameter_bounds(self.settings)
-        for name, descriptor in _HYPERPARAMETER_FIELDS.items():
+        for name, descriptor in HYPERPARAMETER_FIELDS.items():
             if descriptor.has_presence and not hp.HasField(name):
                 continue
             at = f"{field}.{name}"

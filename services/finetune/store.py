@@ -24,7 +24,7 @@ import base64
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import redis
 import redis.asyncio
@@ -107,13 +107,17 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def state_event(state: int, message: str, *, level: int = finetune_pb2.JOB_EVENT_LEVEL_INFO) -> finetune_pb2.JobEvent:
+def state_event(
+    state: finetune_pb2.JobState, message: str, *, level: finetune_pb2.JobEventLevel = finetune_pb2.JOB_EVENT_LEVEL_INFO
+) -> finetune_pb2.JobEvent:
     return finetune_pb2.JobEvent(
         type=finetune_pb2.JOB_EVENT_TYPE_STATE_CHANGE, level=level, state=state, message=message
     )
 
 
-def message_event(message: str, level: int = finetune_pb2.JOB_EVENT_LEVEL_INFO) -> finetune_pb2.JobEvent:
+def message_event(
+    message: str, level: finetune_pb2.JobEventLevel = finetune_pb2.JOB_EVENT_LEVEL_INFO
+) -> finetune_pb2.JobEvent:
     return finetune_pb2.JobEvent(type=finetune_pb2.JOB_EVENT_TYPE_MESSAGE, level=level, message=message)
 
 
@@ -179,7 +183,7 @@ class Store:
         for _ in range(50):  # the winner may be between its SET NX and its write
             raw = self.r.get(key_of(winner))
             if raw:
-                return cls.FromString(raw), False
+                return cls.FromString(as_bytes(raw)), False
             time.sleep(0.02)
         raise KeyError(winner)
 
@@ -196,18 +200,18 @@ class Store:
 
     def get_job(self, job_id: str) -> finetune_pb2.Job | None:
         raw = self.r.get(job_key(job_id))
-        return finetune_pb2.Job.FromString(raw) if raw else None
+        return finetune_pb2.Job.FromString(as_bytes(raw)) if raw else None
 
     def get_jobs(self, job_ids: Sequence[str]) -> list[finetune_pb2.Job | None]:
         if not job_ids:
             return []
         raws = self.r.mget([job_key(i) for i in job_ids])
-        return [finetune_pb2.Job.FromString(r) if r else None for r in raws]
+        return [finetune_pb2.Job.FromString(as_bytes(r)) if r else None for r in raws]
 
     def update_job(
         self,
         job_id: str,
-        change: Callable[[finetune_pb2.Job], Iterable[finetune_pb2.JobEvent] | bool | None],
+        change: Callable[[finetune_pb2.Job], Iterable[finetune_pb2.JobEvent] | Literal[False] | None],
         watch: Sequence[str] = (),
     ) -> finetune_pb2.Job | None:
         """Apply `change` to the stored job atomically. `change` mutates the job and returns the events to append
@@ -242,11 +246,11 @@ class Store:
     def transition(
         self,
         job_id: str,
-        to: int,
+        to: finetune_pb2.JobState,
         *,
         allowed_from: Iterable[int],
         message: str,
-        level: int = finetune_pb2.JOB_EVENT_LEVEL_INFO,
+        level: finetune_pb2.JobEventLevel = finetune_pb2.JOB_EVENT_LEVEL_INFO,
         mutate: Callable[[finetune_pb2.Job], None] | None = None,
         extra_events: Sequence[finetune_pb2.JobEvent] = (),
         guard: Callable[[finetune_pb2.Job], bool] | None = None,
@@ -257,11 +261,11 @@ class Store:
         allowed = set(allowed_from)
         moved = [False]
 
-        def change(job: finetune_pb2.Job) -> list[finetune_pb2.JobEvent] | bool:
+        def change(job: finetune_pb2.Job) -> list[finetune_pb2.JobEvent] | Literal[False]:
             moved[0] = False  # a WATCH conflict runs this again on the newer record
             if job.state not in allowed or (guard is not None and not guard(job)):
                 return False
-            job.state = to  # type: ignore[assignment]
+            job.state = to
             if mutate is not None:
                 mutate(job)
             if to == finetune_pb2.JOB_STATE_QUEUED:
@@ -291,7 +295,7 @@ class Store:
 
     def last_event_id(self, job_id: str) -> str:
         newest = self.r.xrevrange(events_key(job_id), count=1)
-        return newest[0][0].decode() if newest else ""
+        return as_text(newest[0][0] or b"") if newest else ""
 
     def with_last_event(self, job: finetune_pb2.Job) -> finetune_pb2.Job:
         """The job as stored now with its newest event id, read in one transaction (a record and its events are
@@ -313,7 +317,7 @@ class Store:
         else:
             high = f"({ids_after}" if ids_after is not None else "+inf"
             rows = self.r.zrevrangebyscore(zkey, high, "-inf", start=0, num=count, withscores=True)
-        return [(i.decode(), s) for i, s in rows]
+        return _scored(rows)
 
     # -- cancellation and leases -----------------------------------------------------------------------------------
 
@@ -334,7 +338,7 @@ class Store:
 
     def lease_holder(self, kind: str, job_id: str) -> str | None:
         raw = self.r.get(f"{P}{kind}:{job_id}")
-        return raw.decode() if raw else None
+        return as_text(raw) if raw else None
 
     def reclaim_lease(
         self, job_id: str, token: str, seconds: float, still_ours: Callable[[finetune_pb2.Job], bool]
@@ -381,21 +385,21 @@ class Store:
         stored = self.r.hgetall(key)
         with self.r.pipeline() as pipe:
             for step, raw in stored.items():
-                if finetune_pb2.Checkpoint.FromString(raw).name not in kept:
+                if finetune_pb2.Checkpoint.FromString(as_bytes(raw)).name not in kept:
                     pipe.hdel(key, step)
             if ckpt is not None:
                 pipe.hset(key, str(ckpt.step), ckpt.SerializeToString())
             pipe.execute()
 
     def checkpoints(self, job_id: str) -> list[finetune_pb2.Checkpoint]:
-        rows = [finetune_pb2.Checkpoint.FromString(v) for v in self.r.hgetall(f"{P}ckpt:{job_id}").values()]
+        rows = [finetune_pb2.Checkpoint.FromString(as_bytes(v)) for v in self.r.hgetall(f"{P}ckpt:{job_id}").values()]
         return sorted(rows, key=lambda c: c.step)
 
     def webhook(self, kind: str, record_id: str) -> tuple[str, str] | None:
         raw = self.r.hgetall(f"{P}hook:{kind}:{record_id}")
         if not raw:
             return None
-        return raw[b"url"].decode(), raw.get(b"secret", b"").decode()
+        return as_text(raw[b"url"]), as_text(raw.get(b"secret", b""))
 
     # -- sweeps -------------------------------------------------------------------------------------------------
 
@@ -410,7 +414,7 @@ class Store:
 
     def get_sweep(self, sweep_id: str) -> finetune_pb2.Sweep | None:
         raw = self.r.get(sweep_key(sweep_id))
-        return finetune_pb2.Sweep.FromString(raw) if raw else None
+        return finetune_pb2.Sweep.FromString(as_bytes(raw)) if raw else None
 
     def update_sweep(
         self, sweep_id: str, change: Callable[[finetune_pb2.Sweep], bool | None]
@@ -441,18 +445,34 @@ class Store:
             rows = self.r.zrangebyscore(zkey, f"({after}" if after is not None else "-inf", "+inf", 0, count, True)
         else:
             rows = self.r.zrevrangebyscore(zkey, f"({after}" if after is not None else "+inf", "-inf", 0, count, True)
-        return [(i.decode(), s) for i, s in rows]
+        return _scored(rows)
 
     def jobs_in_states(self, states: Iterable[int]) -> list[finetune_pb2.Job]:
         """Unfinished jobs in any of `states`: what the reaper inspects (however old they are)."""
         wanted = set(states)
-        ids = sorted(i.decode() for i in self.r.smembers(ACTIVE))
+        ids = sorted(as_text(i) for i in self.r.smembers(ACTIVE))
         found = []
         for start in range(0, len(ids), 500):
             for job in self.get_jobs(ids[start : start + 500]):
                 if job is not None and job.state in wanted:
                     found.append(job)
         return found
+
+
+def as_bytes(value: bytes | str) -> bytes:
+    """A Redis reply as the bytes it is: this module's clients never decode replies (no decode_responses), but
+    redis-py types replies as bytes or str."""
+    return value if isinstance(value, bytes) else value.encode()
+
+
+def as_text(value: bytes | str) -> str:
+    """A Redis reply (bytes, see as_bytes) decoded as UTF-8."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _scored(rows: Iterable[Sequence[Any]]) -> list[tuple[str, float]]:
+    """A ZRANGEBYSCORE ... WITHSCORES reply (rows of member and score) -> (member, score) pairs."""
+    return [(as_text(member), score) for member, score in rows]
 
 
 def _leaseless_key(job_id: str) -> str:

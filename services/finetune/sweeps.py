@@ -20,10 +20,12 @@ import uuid
 from google.protobuf import json_format
 
 from genloom.services.finetune import search
+from genloom.services.finetune import spec as spec_mod
+from genloom.services.finetune.ids import new_sweep_id
 from genloom.services.finetune.jobs import Heartbeat, JobManager
-from genloom.services.finetune.store import SWEEP_TERMINAL, TERMINAL, P
+from genloom.services.finetune.store import SWEEP_TERMINAL, TERMINAL, P, as_text
 from genloom.services.finetune.webhooks import deliver
-from genloom.services.server.errors import ServiceError
+from genloom.services.server.errors import AlreadyExists, ServiceError
 from genloom.v1 import finetune_pb2
 
 logger = logging.getLogger(__name__)
@@ -42,6 +44,57 @@ class SweepController:
     def __init__(self, manager: JobManager) -> None:
         self.manager = manager
         self.store = manager.store
+
+    def create(self, request: finetune_pb2.CreateSweepRequest) -> tuple[finetune_pb2.Sweep, bool]:
+        """Check and store a new sweep (its inline data stored once for every trial); with an idempotency key, the
+        sweep an identical earlier request created instead (created=False). Trials start when it is advanced."""
+        settings = self.manager.settings
+        violations = search.check_sweep_spec(request.spec, settings, field="spec")
+        if request.HasField("webhook"):
+            violations += spec_mod.check_webhook(request.webhook, field="webhook", policy=self.manager.webhook_policy)
+        violations += spec_mod.check_idempotency_key(request.idempotency_key)
+        spec_mod.raise_if(violations)
+        spec = search.effective_sweep_spec(request.spec, settings)
+        base = self.manager.base_model(spec.base_job.base_model, "spec.base_job.base_model")
+        spec.base_job.base_model = base.name
+        # Inline data is stored once for every trial (trials then name the stored file).
+        sweep_id = new_sweep_id()
+        spec.base_job.training_data.CopyFrom(self.manager.store_data(spec.base_job.training_data, sweep_id, "training"))
+        if spec.base_job.HasField("validation_data"):
+            spec.base_job.validation_data.CopyFrom(
+                self.manager.store_data(spec.base_job.validation_data, sweep_id, "validation")
+            )
+        sweep = finetune_pb2.Sweep(
+            id=sweep_id, state=S.SWEEP_STATE_RUNNING, spec=spec, idempotency_key=request.idempotency_key
+        )
+        if request.HasField("webhook") and request.webhook.url:
+            sweep.webhook.url = request.webhook.url
+            sweep.webhook.has_secret = bool(request.webhook.secret)
+        sweep.created_at.GetCurrentTime()
+        sweep.updated_at.CopyFrom(sweep.created_at)
+        try:
+            return self.store.create_sweep(
+                sweep,
+                digest=spec_mod.request_digest(request),
+                webhook_secret=request.webhook.secret if request.HasField("webhook") else "",
+            )
+        except KeyError as err:
+            raise AlreadyExists(
+                f"idempotency_key {request.idempotency_key!r} was used for a different request (sweep {err.args[0]})"
+            ) from None
+
+    def reaper_pass(self) -> None:
+        """The service's periodic pass (one replica per interval, GENLOOM_FINETUNE_REAP_INTERVAL): re-queue jobs
+        whose worker died, re-validate jobs whose validator died, and advance every running sweep."""
+        interval = self.manager.settings.reap_interval
+        if not self.store.r.set(P + "reaper", "1", nx=True, px=int(interval * 900)):
+            return
+        for job_id in self.manager.reap():
+            self.manager.validate(job_id)
+        for sweep_id, _ in self.store.list_sweeps(None, False, 1000):
+            sweep = self.store.get_sweep(sweep_id)
+            if sweep is not None and sweep.state not in SWEEP_TERMINAL:
+                self.advance(sweep_id)
 
     def view(self, sweep: finetune_pb2.Sweep) -> finetune_pb2.Sweep:
         """`sweep` with its trials (and best trial) refreshed from their jobs, without writing anything: what
@@ -84,7 +137,7 @@ class SweepController:
             else None
         )
         numbers_key = f"{P}sweepopt:{sweep_id}"
-        numbers = {k.decode(): json.loads(v) for k, v in self.store.r.hgetall(numbers_key).items()}
+        numbers = {as_text(k): json.loads(v) for k, v in self.store.r.hgetall(numbers_key).items()}
         for trial in sweep.trials:
             job = jobs.get(trial.job_id)
             if job is not None:

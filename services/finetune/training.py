@@ -160,7 +160,7 @@ def load_model(base_path: Path, method: int, hp: finetune_pb2.Hyperparameters) -
         targets = "all-linear"
     config = LoraConfig(
         r=hp.lora_rank,
-        lora_alpha=hp.lora_alpha,
+        lora_alpha=hp.lora_alpha,  # type: ignore[arg-type]  # peft annotates it int; any number works (alpha / r)
         lora_dropout=hp.lora_dropout,
         target_modules=targets,
         task_type="CAUSAL_LM",
@@ -369,7 +369,9 @@ def run(
     result = _result(reporter, state, cancelled=False, preempted=False)
     tmp = result_dir.with_name(result_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    trainer.model.save_pretrained(tmp)
+    # A PreTrainedModel or a PeftModel, both with save_pretrained (transformers types it as any torch Module).
+    trained: Any = trainer.model
+    trained.save_pretrained(tmp)
     for f in save_files:
         shutil.copy2(f, tmp / f.name)
     shutil.rmtree(result_dir, ignore_errors=True)

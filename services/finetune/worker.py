@@ -25,15 +25,16 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import redis
 from celery import Celery
 
-from genloom.services.models import finetuned
 from genloom.services.finetune.jobs import Heartbeat, JobManager, describe_error
 from genloom.services.finetune.settings import FinetuneSettings
 from genloom.services.finetune.store import TERMINAL, Store, message_event
+from genloom.services.finetune.taskqueue import TRAIN_TASK, make_celery, sender
+from genloom.services.models import finetuned
 from genloom.services.server.errors import ServiceError
 from genloom.services.server.settings import ModelSettings
 from genloom.v1 import finetune_pb2
@@ -42,35 +43,8 @@ logger = logging.getLogger(__name__)
 
 S = finetune_pb2
 T = TypeVar("T")
-TRAIN_TASK = "genloom.finetune.train"
 # Tokenizer files copied next to a result so the directory is self-describing.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-
-
-def make_celery(models: ModelSettings, settings: FinetuneSettings) -> Celery:
-    app = Celery("genloom", broker=models.redis_url, set_as_current=False)
-    app.conf.update(
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
-        broker_connection_retry_on_startup=True,
-        task_default_queue=settings.queue,
-        task_ignore_result=True,
-        task_serializer="json",
-        accept_content=["json"],
-        worker_hijack_root_logger=False,
-        worker_send_task_events=False,
-        worker_enable_remote_control=False,
-    )
-    return app
-
-
-def sender(app: Celery, settings: FinetuneSettings) -> Any:
-    def send(job_id: str, countdown: float | None = None) -> None:
-        app.send_task(TRAIN_TASK, args=[job_id], queue=settings.queue, countdown=countdown)
-
-    return send
 
 
 _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
@@ -111,7 +85,7 @@ class _Hooks:
         event = finetune_pb2.JobEvent(type=S.JOB_EVENT_TYPE_METRICS, level=S.JOB_EVENT_LEVEL_INFO, message=text)
         event.metrics.CopyFrom(m)
 
-        def update(job: finetune_pb2.Job) -> list[finetune_pb2.JobEvent] | bool:
+        def update(job: finetune_pb2.Job) -> list[finetune_pb2.JobEvent] | Literal[False]:
             if job.state != S.JOB_STATE_RUNNING:
                 return False
             merged = finetune_pb2.JobMetrics()
@@ -398,11 +372,11 @@ def build(models: ModelSettings, settings: FinetuneSettings, hostname: str) -> t
 
     from celery.signals import worker_shutting_down
 
-    @worker_shutting_down.connect(weak=False)
+    @worker_shutting_down.connect(weak=False)  # type: ignore[untyped-decorator]  # celery's signals are untyped
     def _stopping(**_: Any) -> None:
         worker.stopping.set()
 
-    @app.task(name=TRAIN_TASK, acks_late=True, reject_on_worker_lost=True)
+    @app.task(name=TRAIN_TASK, acks_late=True, reject_on_worker_lost=True)  # type: ignore[untyped-decorator]  # celery
     def train(job_id: str) -> str:
         outcome = worker.run(job_id)
         logger.info("job %s: %s", job_id, outcome)
@@ -444,4 +418,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

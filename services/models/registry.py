@@ -19,14 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from genloom.services.models.smollm2 import ensure_default_model
+from genloom.services.models.smollm2 import DEFAULT_MODEL, ensure_default_model
 from genloom.services.server.errors import NotFound, quote
 from genloom.services.server.paths import canonical, on_paper, resolve_within
 from genloom.services.server.settings import ModelSettings, SettingsError, split_list
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 # Built-in models: name -> function(cache_dir, name) that returns their (prepared) directory.
 BUILTIN_MODELS: dict[str, Callable[[Path, str], Path]] = {DEFAULT_MODEL: ensure_default_model}
 # Files that make a directory a Hugging Face model (weights are optional for the tokenizer service).
@@ -58,8 +57,8 @@ class ModelRegistry:
         self._roots = settings.model_root_paths()
         # canonical directory -> configured name (first wins), for mapping other spellings of it back to the name.
         self._configured_dirs: dict[Path, str] = {}
-        for name, path in self._aliases.items():
-            self._configured_dirs.setdefault(canonical(path), name)
+        for name, directory in self._aliases.items():
+            self._configured_dirs.setdefault(canonical(directory), name)
         for name in BUILTIN_MODELS:  # where a built-in model is (or will be) converted to
             self._configured_dirs.setdefault(canonical(settings.model_cache / name), name)
         # The operator's spellings of configured directories -> their names. Only GENLOOM_MODEL's value: the one

