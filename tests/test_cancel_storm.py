@@ -136,7 +136,15 @@ async def test_cancelled_streams_end_cancelled_not_unknown(
         for r in caplog.records
         if getattr(r, "rpc_method", "") == "/genloom.v1.InferenceService/GenerateStream"
     )
-    errors = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.ERROR]
+    # grpcio's own core logs "ExecuteBatchError raised in core" when a client's cancel crosses the final status of a
+    # stream that already ended on the server (its check for a closed client races the cancel): a library record
+    # about a call the client gave up on, not one of ours.
+    errors = [
+        f"{r.name}: {r.getMessage()}"
+        for r in caplog.records
+        if r.levelno >= logging.ERROR
+        and not (r.name.startswith("grpc.") and r.getMessage().startswith("ExecuteBatchError raised in core"))
+    ]
     assert len(points) == 4 and min(points.values()) > CALLS // 8, points  # every cancellation point was used
     assert reached <= sum(codes.values()) <= CALLS, (codes, points)
     assert codes["UNKNOWN"] == 0 and logged["UNKNOWN"] == 0, (codes, logged)

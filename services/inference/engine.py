@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 
 
@@ -131,7 +131,7 @@ class Engine(abc.ABC):
         """Load the model and run a warm-up generation; return when requests can be served."""
 
     @abc.abstractmethod
-    def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+    def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
         """Generate for one request. Outputs arrive as tokens are produced; the last has `finish_reason`.
 
         Cancelling the consuming task (or closing the iterator) must abort the request in the engine at once,

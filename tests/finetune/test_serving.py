@@ -26,11 +26,12 @@ import pytest_asyncio
 import redis
 import torch
 
+from genloom.services.inference.engine import Engine, EngineDeadError
+from genloom.services.inference.engines import create_engine
+from genloom.services.inference.servicer import InferenceServicer
+from genloom.services.inference.settings import InferenceSettings
 from genloom.services.models import finetuned
 from genloom.services.models.finetuned import FineTunedModel
-from genloom.services.inference.engine import Engine, EngineDeadError
-from genloom.services.inference.servicer import InferenceServicer, create_engine
-from genloom.services.inference.settings import InferenceSettings
 from genloom.services.models.registry import ModelSpec
 from genloom.services.server.app import GenloomServer
 from genloom.services.server.settings import ModelSettings, ServerSettings

@@ -36,8 +36,9 @@ from genloom.services.inference.engine import (
     EngineRequest,
     ScoreQuery,
 )
+from genloom.services.inference.engines import create_engine
 from genloom.services.inference.pool import PoolState, ServingPool
-from genloom.services.inference.servicer import InferenceServicer, create_engine
+from genloom.services.inference.servicer import InferenceServicer
 from genloom.services.inference.settings import InferenceSettings
 from genloom.services.models.registry import ModelSpec
 from genloom.services.server.app import GenloomServer

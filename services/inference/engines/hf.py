@@ -30,13 +30,7 @@ state that left-padded merging would corrupt, so such models are refused at star
 (no chunked prefill), so a very long one stalls the running streams for its prefill; the KV cache grows with the
 batch (at most max_batch_size x the longest row) instead of being sized up front.
 
-Score: each prompt is prefilled once and its last logits give every continuation's first token; only the later
-tokens of longer continuations run again, over a copy of the prompt's cache rows. The prompts of one call that
-share a prefix (a task's instruction and examples) prefill it once, its KV shared by all rows. Measured with
-benchmarks/classify.py (2-core CPU, one torch thread, ~88-token prompts, 3 one-token labels): one Score call per
-text went from 1.6 to 3.9 texts/s (before, each candidate ran prompt+label in full); 32 texts in one Score call
-(what the task service sends for a Classify batch) run at 12-15 texts/s. Calls are not merged with each other:
-batched numerics differ in the 5th decimal of a log-probability, and the same call should give the same numbers.
+The batch state (a request's row, the padded cache) is in hf_batch.py, Score in hf_score.py.
 """
 
 from __future__ import annotations
@@ -52,14 +46,12 @@ import logging
 import queue
 import threading
 from collections import defaultdict, deque
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 import transformers
-from torch.nn import functional as F
 from transformers import AutoModelForCausalLM, DynamicCache, GenerationConfig
 from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import (
@@ -87,6 +79,8 @@ from genloom.services.inference.engine import (
     ScoreQuery,
     TokenLogprob,
 )
+from genloom.services.inference.engines.hf_batch import Batch, Delivery, HFRequest, deliver, device_error
+from genloom.services.inference.engines.hf_score import HFScoring
 from genloom.services.inference.sampling import engine_sampling
 from genloom.services.inference.settings import InferenceSettings
 
@@ -98,122 +92,9 @@ T = TypeVar("T")
 _BASE = "__base__"
 # Padded prompt tokens prefilled in one step: bounds how long running streams stall when many requests arrive.
 _PREFILL_TOKEN_BUDGET = 4096
-# Score batches: padded tokens per forward, and logit rows (x vocab x 4 bytes: 512 rows ~ 100 MB for a 49k vocab).
-_SCORE_TOKEN_BUDGET = 8192
-_SCORE_LOGIT_ROWS = 512
-# A common prompt prefix is prefilled once when that saves at least this many tokens.
-_SCORE_MIN_SHARED_TOKENS = 64
 
 
-@dataclass(eq=False)
-class _Request:
-    """One generation, shared by its asyncio consumer and the step thread (`done` and `running` under the lock)."""
-
-    request: EngineRequest
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[EngineOutput | BaseException]
-    max_new_tokens: int
-    eos_ids: frozenset[int]  # empty with ignore_eos
-    token_ids: list[int]  # prompt + generated: what repetition penalty and min_new_tokens look at
-    processors: LogitsProcessorList = field(default_factory=LogitsProcessorList)
-    generator: torch.Generator | None = None
-    num_generated: int = 0
-    running: bool = False
-    done: bool = False
-
-    @property
-    def sampling(self) -> SamplingOptions:
-        return self.request.sampling
-
-
-class _Batch:
-    """The running rows and their shared KV cache. Row i's real tokens are the last `lengths[i]` cache columns."""
-
-    def __init__(self) -> None:
-        self.rows: list[_Request] = []
-        self.cache: DynamicCache | None = None
-        self.lengths = torch.zeros(0, dtype=torch.long)  # cached real tokens per row = its next position id
-        self.next_tokens = torch.zeros(0, dtype=torch.long)  # the token each row feeds into the next step
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def clear(self) -> None:
-        self.rows, self.cache = [], None
-        self.lengths = self.next_tokens = torch.zeros(0, dtype=torch.long)
-
-    @property
-    def width(self) -> int:
-        return self.cache.get_seq_length() if self.cache is not None else 0
-
-    def merge(self, rows: list[_Request], cache: DynamicCache, lengths: torch.Tensor, tokens: torch.Tensor) -> None:
-        if self.cache is None:
-            self.rows, self.cache, self.lengths, self.next_tokens = list(rows), cache, lengths, tokens
-            return
-        width = max(self.width, cache.get_seq_length())
-        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
-            mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
-            mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)])
-        self.rows.extend(rows)
-        self.lengths = torch.cat([self.lengths, lengths])
-        self.next_tokens = torch.cat([self.next_tokens, tokens])
-
-    def drop_done(self) -> None:
-        keep = [i for i, row in enumerate(self.rows) if not row.done]
-        if len(keep) == len(self.rows):
-            return
-        if not keep:
-            self.clear()
-            return
-        assert self.cache is not None
-        index = torch.tensor(keep, dtype=torch.long)
-        self.rows = [self.rows[i] for i in keep]
-        self.lengths = self.lengths[index]
-        self.next_tokens = self.next_tokens[index]
-        # Columns left of the longest remaining row are padding for everyone: cut them so steps stay short.
-        start = self.width - int(self.lengths.max())
-        device_index = index.to(self.cache.layers[0].keys.device)
-        for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, device_index)[:, :, start:]
-            layer.values = layer.values.index_select(0, device_index)[:, :, start:]
-
-    def attention_mask(self, extra: int) -> torch.Tensor:
-        """[rows, width + extra] mask for a step that appends `extra` tokens per row (left padding)."""
-        total = self.width + extra
-        return (torch.arange(total) >= (total - self.lengths - extra)[:, None]).long()
-
-
-def _device_error(exc: BaseException) -> bool:
-    """An error that leaves the device unusable for every later request (a CUDA device-side assert, a lost
-    device): the step thread must die so that the pool restarts the engine, instead of each request failing alone
-    while health says SERVING. Out of memory is not one: freeing the request's tensors is enough."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return False
-    accelerator_error = getattr(torch, "AcceleratorError", ())  # torch >= 2.8
-    return isinstance(exc, accelerator_error) or (isinstance(exc, RuntimeError) and "CUDA error" in str(exc))
-
-
-def _common_prefix(prompts: list[list[int]]) -> int:
-    """Length of the prompts' common prefix, leaving the shortest at least one token of its own."""
-    shortest = min(len(p) for p in prompts)
-    first = prompts[0]
-    n = 0
-    while n < shortest - 1 and all(p[n] == first[n] for p in prompts):
-        n += 1
-    return n
-
-
-def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
-    missing = width - tensor.shape[2]
-    return F.pad(tensor, (0, 0, missing, 0)) if missing else tensor
-
-
-def _deliver(items: list[tuple[asyncio.Queue[EngineOutput | BaseException], EngineOutput | BaseException]]) -> None:
-    for q, item in items:
-        q.put_nowait(item)
-
-
-class HFEngine(Engine):
+class HFEngine(HFScoring, Engine):
     """A transformers model in this process, batched continuously by one step thread."""
 
     def __init__(self, model_dir: Path, model_name: str, settings: InferenceSettings, max_model_len: int = 0) -> None:
@@ -232,8 +113,8 @@ class HFEngine(Engine):
         self._pad_id = 0
 
         self._lock = threading.Lock()  # guards _live, request done/running flags, _accepting, _dead
-        self._live: dict[str, _Request] = {}  # registered and not finished: what load() counts
-        self._waiting: deque[_Request] = deque()  # appended by the event loop, popped by the step thread
+        self._live: dict[str, HFRequest] = {}  # registered and not finished: what load() counts
+        self._waiting: deque[HFRequest] = deque()  # appended by the event loop, popped by the step thread
         self._commands: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = (
             queue.SimpleQueue()
         )
@@ -242,7 +123,7 @@ class HFEngine(Engine):
         self._stopping = False
         self._accepting = False
         self._dead: BaseException | None = None
-        self._batch = _Batch()
+        self._batch = Batch()
         self._ids = itertools.count()
 
     # ------------------------------------------------------------------ lifecycle
@@ -275,7 +156,8 @@ class HFEngine(Engine):
         self._dtype = getattr(torch, dtype)
 
         model = AutoModelForCausalLM.from_pretrained(self._model_dir, dtype=self._dtype)
-        model.to(self._device).eval()
+        # transformers' stubs lose the decorated .to()'s self binding.
+        model.to(self._device).eval()  # type: ignore[arg-type]
         config = model.config
         layers = DynamicCache(config=config).layers
         if any(type(layer) is not DynamicLayer for layer in layers):
@@ -285,7 +167,8 @@ class HFEngine(Engine):
         window = self._max_model_len or int(getattr(text_config, "max_position_embeddings", 0) or 0)
         if window <= 0:
             raise EngineError(f"{self._model_dir}: no max_position_embeddings in config; pass max_model_len")
-        generation_config = getattr(model, "generation_config", None) or GenerationConfig()
+        # GenerationConfig.__init__ takes untyped **kwargs.
+        generation_config = getattr(model, "generation_config", None) or GenerationConfig()  # type: ignore[no-untyped-call]
         eos: list[int] = []
         for source in (generation_config.eos_token_id, config.eos_token_id):
             for token in source if isinstance(source, list) else [source]:
@@ -294,7 +177,8 @@ class HFEngine(Engine):
         pad = generation_config.pad_token_id
         pad = pad if pad is not None else getattr(config, "pad_token_id", None)
         self._pad_id = int(pad if pad is not None else (eos[0] if eos else 0))
-        self._vocab_size = int(model.get_input_embeddings().num_embeddings)
+        embeddings: Any = model.get_input_embeddings()  # an nn.Embedding (or a model's subclass of it)
+        self._vocab_size = int(embeddings.num_embeddings)
         self._eos_ids = frozenset(eos)
         self._model = model
         self._info = EngineInfo(
@@ -323,7 +207,7 @@ class HFEngine(Engine):
         await asyncio.to_thread(thread.join)
         self._end_all(lambda: EngineOutput(token_ids=[], finish_reason=FinishReason.ABORT))
         self._fail_commands()
-        self._batch = _Batch()
+        self._batch = Batch()
         self._model = self._peft = None
         gc.collect()
         if self._device.type == "cuda":
@@ -355,14 +239,14 @@ class HFEngine(Engine):
 
     # ------------------------------------------------------------------ generation (event-loop side)
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+    async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
         # An async generator: errors surface on the first iteration, inside the consumer's try, and nothing is
         # registered unless the stream is actually consumed.
         self._check_alive()
         max_new_tokens, sampling = self._validate(request)
         request = dataclasses.replace(request, sampling=sampling)
         s = request.sampling
-        req = _Request(
+        req = HFRequest(
             request=request,
             loop=asyncio.get_running_loop(),
             queue=asyncio.Queue(),
@@ -421,7 +305,7 @@ class HFEngine(Engine):
         self._wake.set()
         return True
 
-    def _post(self, req: _Request, item: EngineOutput | BaseException) -> None:
+    def _post(self, req: HFRequest, item: EngineOutput | BaseException) -> None:
         with contextlib.suppress(RuntimeError):  # the consumer's loop is closed: nobody is listening
             req.loop.call_soon_threadsafe(req.queue.put_nowait, item)
 
@@ -505,7 +389,7 @@ class HFEngine(Engine):
             self._end_all(lambda: EngineDeadError(message))
             self._fail_commands()
         finally:
-            self._batch = _Batch()
+            self._batch = Batch()
 
     def _run_commands(self) -> None:
         while True:
@@ -518,7 +402,7 @@ class HFEngine(Engine):
             try:
                 future.set_result(fn())
             except Exception as exc:
-                if _device_error(exc):
+                if device_error(exc):
                     # Score or an adapter command broke the device: end the step thread like a decode would, dead
                     # before the caller hears of it (so its health check already says so).
                     with self._lock:
@@ -528,15 +412,15 @@ class HFEngine(Engine):
                     raise
                 future.set_exception(exc)
 
-    def _forward(self, rows: Sequence[_Request | str | None], **inputs: Any) -> Any:
+    def _forward(self, rows: Sequence[HFRequest | str | None], **inputs: Any) -> Any:
         if self._peft is None:
             return self._model(**inputs)
-        names = [(r.request.adapter if isinstance(r, _Request) else r) or _BASE for r in rows]
+        names = [(r.request.adapter if isinstance(r, HFRequest) else r) or _BASE for r in rows]
         return self._peft(**inputs, adapter_names=names)
 
     def _admit(self) -> None:
         free = self._settings.max_batch_size - len(self._batch)
-        admitted: list[_Request] = []
+        admitted: list[HFRequest] = []
         longest = 0
         while free > len(admitted) and self._waiting:
             req = self._waiting[0]
@@ -563,7 +447,7 @@ class HFEngine(Engine):
         if admitted:
             self._prefill(admitted)
 
-    def _prepare(self, req: _Request) -> None:
+    def _prepare(self, req: HFRequest) -> None:
         """Per-request logits processors and generator, in the order `generate` applies them."""
         s = req.sampling
         if req.request.adapter is not None and req.request.adapter not in self._adapters:
@@ -593,7 +477,7 @@ class HFEngine(Engine):
                 req.generator.manual_seed(s.seed)
         req.processors = processors
 
-    def _fail(self, req: _Request, error: BaseException) -> None:
+    def _fail(self, req: HFRequest, error: BaseException) -> None:
         with self._lock:
             if req.done:
                 return
@@ -601,7 +485,7 @@ class HFEngine(Engine):
             self._live.pop(req.request.request_id, None)
         self._post(req, error)
 
-    def _prefill(self, reqs: list[_Request]) -> None:
+    def _prefill(self, reqs: list[HFRequest]) -> None:
         width = max(len(r.token_ids) for r in reqs)
         lengths = torch.tensor([len(r.token_ids) for r in reqs], dtype=torch.long)
         ids = torch.full((len(reqs), width), self._pad_id, dtype=torch.long)
@@ -621,7 +505,7 @@ class HFEngine(Engine):
                 logits_to_keep=1,
             )
         except Exception as exc:
-            if _device_error(exc):
+            if device_error(exc):
                 raise
             # A prompt the device can't hold (out of memory) fails its requests, not the engine. Neither is the
             # caller's mistake: out of memory is RESOURCE_EXHAUSTED (may fit later), anything else INTERNAL.
@@ -652,7 +536,7 @@ class HFEngine(Engine):
         batch.lengths = batch.lengths + 1
         batch.next_tokens = self._sample_and_emit(batch.rows, out.logits[:, -1, :])
 
-    def _sample_and_emit(self, rows: list[_Request], logits: torch.Tensor) -> torch.Tensor:
+    def _sample_and_emit(self, rows: list[HFRequest], logits: torch.Tensor) -> torch.Tensor:
         """Pick each row's next token, publish it, and return the tokens (CPU) to feed into the next step.
 
         A row whose numbers go wrong fails alone: its request ends with an error (RequestFailedError when the
@@ -676,7 +560,7 @@ class HFEngine(Engine):
             try:
                 token = self._sample_row(r, logits[i : i + 1])
             except Exception as exc:
-                if _device_error(exc):
+                if device_error(exc):
                     raise
                 logger.exception("sampling failed for request %s", r.request.request_id)
                 failed[i] = RequestFailedError(f"request {r.request.request_id}: sampling raised {exc!r}")
@@ -710,20 +594,22 @@ class HFEngine(Engine):
         return tokens
 
     @staticmethod
-    def _sample_row(r: _Request, logits: torch.Tensor) -> torch.Tensor | None:
+    def _sample_row(r: HFRequest, logits: torch.Tensor) -> torch.Tensor | None:
         """One row's token through its processors and generator; None when they left no finite score to pick
         from (checked before torch.multinomial, which raises on NaN on the CPU and asserts on a GPU)."""
         scores = logits
         if r.processors:
-            scores = r.processors(torch.tensor([r.token_ids], device=logits.device), scores)
+            # transformers annotates the legacy LongTensor/FloatTensor types, which every tensor of that dtype is.
+            ids = cast(torch.LongTensor, torch.tensor([r.token_ids], device=logits.device))
+            scores = r.processors(ids, cast(torch.FloatTensor, scores))
         if not bool(torch.isfinite(scores.amax(-1)).all()):
             return None
         if r.generator is None:
             return scores.argmax(-1)[0]
         return torch.multinomial(scores.softmax(-1), 1, generator=r.generator)[0, 0]
 
-    def _emit(self, rows: list[_Request], tokens: list[int], logprobs: dict[int, TokenLogprob]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, EngineOutput]]] = defaultdict(list)
+    def _emit(self, rows: list[HFRequest], tokens: list[int], logprobs: dict[int, TokenLogprob]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[Delivery]] = defaultdict(list)
         with self._lock:
             for i, (req, token) in enumerate(zip(rows, tokens, strict=True)):
                 if req.done:
@@ -743,136 +629,7 @@ class HFEngine(Engine):
                 by_loop[req.loop].append((req.queue, output))
         for loop, items in by_loop.items():
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_deliver, items)
-
-    def _score(self, queries: Sequence[ScoreQuery]) -> list[list[list[float]]]:
-        """Each prompt is prefilled once; the logits at its last position give every continuation's first token,
-        and only continuations of two or more tokens run their remaining tokens on top of the prompt's KV cache."""
-        for adapter in {q.adapter for q in queries}:
-            if adapter is not None and adapter not in self._adapters:
-                raise AdapterError(f"unknown adapter {adapter!r}")
-        results: list[list[list[float]]] = [[[] for _ in q.continuations] for q in queries]
-        # Similar lengths together: less padding per forward.
-        order = sorted(range(len(queries)), key=lambda qi: len(queries[qi].prompt_token_ids))
-        chunk: list[int] = []
-        for qi in [*order, None]:
-            if qi is not None:
-                grown = [*chunk, qi]
-                width = len(queries[qi].prompt_token_ids)  # the longest so far: sorted by length
-                if not chunk or (width * len(grown) <= _SCORE_TOKEN_BUDGET and len(grown) <= _SCORE_LOGIT_ROWS):
-                    chunk = grown
-                    continue
-            self._score_prompts([queries[i] for i in chunk], [results[i] for i in chunk])
-            chunk = [qi] if qi is not None else []
-        return results
-
-    def _score_prompts(self, queries: list[ScoreQuery], results: list[list[list[float]]]) -> None:
-        prompts = [list(q.prompt_token_ids) for q in queries]
-        adapters = [q.adapter for q in queries]
-        lengths = torch.tensor([len(p) for p in prompts])
-        cache = DynamicCache(config=self._model.config)
-        # Prompts of one task batch share their instruction and examples: that prefix is prefilled once and its KV
-        # shared by every row (a view, no copy); each row keeps at least its last token of its own.
-        shared = _common_prefix(prompts) if len(prompts) > 1 and len(set(adapters)) == 1 else 0
-        if (len(prompts) - 1) * shared < _SCORE_MIN_SHARED_TOKENS:
-            shared = 0
-        if shared:
-            self._forward(
-                adapters[:1],
-                input_ids=torch.tensor([prompts[0][:shared]], device=self._device),
-                position_ids=torch.arange(shared, device=self._device)[None, :],
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            for layer in cache.layers:
-                layer.keys = layer.keys.expand(len(prompts), -1, -1, -1)
-                layer.values = layer.values.expand(len(prompts), -1, -1, -1)
-        suffixes = [p[shared:] for p in prompts]
-        width = max(len(p) for p in suffixes)
-        ids = torch.full((len(prompts), width), self._pad_id, dtype=torch.long)
-        for row, suffix in enumerate(suffixes):
-            ids[row, width - len(suffix) :] = torch.tensor(suffix)
-        suffix_mask = (torch.arange(width) >= (width - (lengths - shared))[:, None]).long()
-        mask = torch.cat([torch.ones((len(prompts), shared), dtype=torch.long), suffix_mask], dim=1)
-        positions = shared + (suffix_mask.cumsum(-1) - 1).clamp(min=0)
-        # Left padding lines the prompts up at the end: the last position's logits predict every first token.
-        out = self._forward(
-            adapters,
-            input_ids=ids.to(self._device),
-            attention_mask=mask.to(self._device),
-            position_ids=positions.to(self._device),
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        first = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
-        del out
-        pairs = [(row, c[0]) for row, q in enumerate(queries) for c in q.continuations]
-        picked = first[[r for r, _ in pairs], [t for _, t in pairs]].tolist()
-        del first
-        longer: list[tuple[int, list[int], list[float]]] = []  # (prompt row, continuation, its result list)
-        k = 0
-        for row, (q, out_row) in enumerate(zip(queries, results, strict=True)):
-            for ci, c in enumerate(q.continuations):
-                out_row[ci] = [picked[k]]
-                k += 1
-                if len(c) > 1:
-                    longer.append((row, list(c), out_row[ci]))
-        if not longer:
-            return
-        # The rest of each longer continuation, grouped by length, over a copy of its prompt's cache rows.
-        longer.sort(key=lambda item: len(item[1]))
-        group: list[tuple[int, list[int], list[float]]] = []
-        for item in [*longer, None]:
-            if item is not None:
-                grown = [*group, item]
-                fed = len(item[1]) - 1
-                if not group or (
-                    (mask.shape[1] + fed) * len(grown) <= _SCORE_TOKEN_BUDGET and fed * len(grown) <= _SCORE_LOGIT_ROWS
-                ):
-                    group = grown
-                    continue
-            self._score_rest(group, cache, mask, lengths, adapters)
-            group = [item] if item is not None else []
-
-    def _score_rest(
-        self,
-        group: list[tuple[int, list[int], list[float]]],
-        cache: DynamicCache,
-        prompt_mask: torch.Tensor,
-        lengths: torch.Tensor,
-        adapters: list[str | None],
-    ) -> None:
-        fed = max(len(c) for _, c, _ in group) - 1
-        rows = torch.tensor([row for row, _, _ in group])
-        device_rows = rows.to(self._device)
-        sub = DynamicCache(config=self._model.config)
-        for mine, theirs in zip(sub.layers, cache.layers, strict=True):
-            mine.lazy_initialization(theirs.keys, theirs.values)
-            mine.keys = theirs.keys.index_select(0, device_rows)
-            mine.values = theirs.values.index_select(0, device_rows)
-        # Continuation tokens follow the prompt's last real token; shorter ones are right-padded (causal attention:
-        # padding after a token never reaches it).
-        ids = torch.full((len(group), fed), self._pad_id, dtype=torch.long)
-        tail = torch.zeros((len(group), fed), dtype=torch.long)
-        for i, (_, c, _) in enumerate(group):
-            ids[i, : len(c) - 1] = torch.tensor(c[:-1])
-            tail[i, : len(c) - 1] = 1
-        mask = torch.cat([prompt_mask[rows], tail], dim=1)
-        positions = lengths[rows][:, None] + torch.arange(fed)[None, :]
-        out = self._forward(
-            [adapters[row] for row, _, _ in group],
-            input_ids=ids.to(self._device),
-            attention_mask=mask.to(self._device),
-            position_ids=positions.to(self._device),
-            past_key_values=sub,
-            use_cache=True,
-        )
-        logprobs = torch.log_softmax(out.logits.float(), dim=-1)
-        for i, (_, c, result) in enumerate(group):
-            targets = torch.tensor(c[1:], device=logprobs.device)
-            result.extend(logprobs[i, : len(c) - 1].gather(1, targets[:, None]).squeeze(1).tolist())
+                loop.call_soon_threadsafe(deliver, items)
 
     def _load_adapter(self, name: str, path: str) -> None:
         try:

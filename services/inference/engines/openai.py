@@ -16,7 +16,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +132,7 @@ class OpenAIEngine(Engine):
 
     # -- generation -----------------------------------------------------------------------------------------------
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+    async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
         assert self._client is not None, "start() first"
         if request.adapter is not None and request.adapter not in self._adapters:
             raise AdapterError(f"no adapter named {request.adapter!r} is loaded")

@@ -25,13 +25,15 @@ import asyncio
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import vllm
 from vllm import SamplingParams
+from vllm.config.lora import MaxLoRARanks
+from vllm.config.model import ModelDType
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
 from vllm.inputs import TokensPrompt
@@ -115,12 +117,13 @@ class VLLMEngine(Engine):
             dtype=self._dtype(on_cpu),
             # CUDA graphs / torch.compile don't apply to the CPU backend; on GPU they are worth their warm-up.
             enforce_eager=on_cpu,
-            max_model_len=self.max_model_len or None,
+            # None: vLLM derives it from the model config (its field is annotated int, defaulting to None).
+            max_model_len=self.max_model_len or None,  # type: ignore[arg-type]
             max_num_seqs=self.settings.max_batch_size,
             max_logprobs=self.settings.max_logprobs,
             logprobs_mode="raw_logprobs",
             enable_lora=self.settings.enable_lora,
-            max_lora_rank=self.settings.max_lora_rank,
+            max_lora_rank=cast(MaxLoRARanks, self.settings.max_lora_rank),  # vLLM refuses a rank it has no kernel for
             max_loras=self.settings.max_loras,
             gpu_memory_utilization=self.settings.vllm_gpu_memory_utilization,
             # Our own metrics cover requests; vLLM's stat loggers would only add periodic log lines.
@@ -137,9 +140,9 @@ class VLLMEngine(Engine):
         await self._warm_up()
         logger.info("vLLM engine ready: %s, context window %d", self.model_name, self._info.context_window)
 
-    def _dtype(self, on_cpu: bool) -> str:
+    def _dtype(self, on_cpu: bool) -> ModelDType:
         if self.settings.dtype != "auto":
-            return self.settings.dtype
+            return cast(ModelDType, self.settings.dtype)  # one of GENLOOM_DTYPE's choices, all vLLM dtype names
         # bf16 on CPUs without native bf16 produces wrong text; on GPUs vLLM's "auto" picks bf16 where supported
         # (fp16 otherwise) for an fp32 checkpoint.
         return "float32" if on_cpu else "auto"
@@ -232,7 +235,7 @@ class VLLMEngine(Engine):
 
     # -- generation ---------------------------------------------------------------------------------------------
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+    async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
         llm = self._ready()
         if request.request_id in self._running:
             raise EngineError(f"request {request.request_id!r} is already running")
@@ -491,9 +494,10 @@ class VLLMEngine(Engine):
             logger.warning("vLLM could not drop adapter %s", lora.lora_name, exc_info=True)
 
 
-def _token_logprob(token_id: int, position: dict[int, Any], top_n: int) -> TokenLogprob:
+def _token_logprob(token_id: int, position: dict[int, Any] | None, top_n: int) -> TokenLogprob:
     """One position of vLLM's logprobs: the chosen token plus the top-N by rank (the chosen one may be among
     them, or be an extra entry with a rank over N)."""
+    assert position is not None, "vLLM returned no logprobs for a generated token"
     chosen = position[token_id]
     top = sorted(
         ((tid, entry) for tid, entry in position.items() if entry.rank is not None and entry.rank <= top_n),
