@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from genloom.services.finetune.settings import FinetuneSettings
 from genloom.services.inference.settings import InferenceSettings
+from genloom.services.server.service import Service
 from genloom.services.server.settings import ModelSettings, ServerSettings, Settings, SettingsError
 from genloom.services.tasks.settings import TasksSettings
 from genloom.services.tokenizer.settings import TokenizerSettings
@@ -26,14 +27,14 @@ SETTINGS_CLASSES: tuple[type[Settings], ...] = (
 )
 
 
-def build_services(  # type: ignore[no-untyped-def]
+def build_services(
     which: str,
     models: ModelSettings,
     tokenizer: TokenizerSettings,
     inference: InferenceSettings | None = None,
     tasks: TasksSettings | None = None,
     finetune: FinetuneSettings | None = None,
-) -> list:
+) -> list[Service]:
     """The service objects for `which` ("all" or one of SERVICES)."""
     from genloom.services.finetune.servicer import FineTuningServicer
     from genloom.services.inference.servicer import InferenceServicer
@@ -43,7 +44,7 @@ def build_services(  # type: ignore[no-untyped-def]
     if which != "all" and which not in SERVICES:
         raise ValueError(f"unknown service {which!r}; choose all or one of {', '.join(SERVICES)}")
     names: Sequence[str] = SERVICES if which == "all" else (which,)
-    services = []
+    services: list[Service] = []
     for name in names:
         if name == "tokenizer":
             services.append(TokenizerServicer.from_settings(models, tokenizer))

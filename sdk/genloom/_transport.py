@@ -32,7 +32,7 @@ KEEPALIVE_TIMEOUT_MS = 20_000
 # partition) is noticed within keepalive time + timeout, so a call or stream on it fails with UNAVAILABLE instead
 # of waiting for its deadline (or forever, without one). Pings go on while a call waits for data; genloom servers
 # accept one every 5 s. gRPC core times a ping out after the shorter of keepalive_timeout and ping_timeout
-# (default 1 minute), hence both. The task service's channels to its backends use these too.
+# (default 1 minute), hence both. (The servers' own channels use the same values: services/server/channels.py.)
 KEEPALIVE_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
     ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),

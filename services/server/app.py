@@ -13,7 +13,6 @@ import ipaddress
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -21,34 +20,13 @@ from grpc_reflection.v1alpha import reflection
 
 from genloom.services.server.interceptors import default_interceptors
 from genloom.services.server.metrics import serve_metrics
+from genloom.services.server.service import Service
 from genloom.services.server.settings import ServerSettings, bracket, local_address
 
 logger = logging.getLogger(__name__)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-class Service(Protocol):
-    """What a genloom service contributes to a server."""
-
-    #: Fully qualified service name, e.g. "genloom.v1.TokenizerService" (health and reflection use it).
-    name: str
-
-    def add_to_server(self, server: grpc.aio.Server) -> None: ...
-
-    async def start(self) -> None:
-        """Load models / connect to dependencies; return when the service can answer RPCs."""
-
-    async def close(self) -> None:
-        """Release resources after the server stopped."""
-
-
-class HealthAware(Protocol):
-    """A service that can lose (and regain) the ability to serve after start-up, e.g. when its engine dies."""
-
-    def bind_health(self, report: Callable[[bool], Awaitable[None]]) -> None:
-        """Receive the callback to call with False (NOT_SERVING) or True (SERVING)."""
 
 
 def is_loopback(host: str) -> bool:
@@ -124,26 +102,27 @@ class GenloomServer:
         address = f"{bracket(s.host)}:{s.port}"
         if s.tls_cert is not None and s.tls_key is not None:
             credentials = grpc.ssl_server_credentials([(s.tls_key.read_bytes(), s.tls_cert.read_bytes())])
-            self.port = server.add_secure_port(address, credentials)
+            port: int = server.add_secure_port(address, credentials)
         else:
-            self.port = server.add_insecure_port(address)
-        if self.port == 0:
+            port = server.add_insecure_port(address)
+        self.port = port
+        if port == 0:
             raise OSError(f"could not bind {address}")
         await server.start()
         self._server = server
-        self._bind_local_targets()
+        self._bind_local_targets(port)
         if s.metrics_port >= 0:
             self.metrics_port = serve_metrics(s.metrics_host, s.metrics_port)
         logger.info("genloom serving %s on %s:%d", ", ".join(names) or "nothing", s.host, self.port)
         self._startup = asyncio.create_task(self._start_services(), name="genloom-startup")
-        return self.port
+        return port
 
-    def _bind_local_targets(self) -> None:
+    def _bind_local_targets(self, port: int) -> None:
         """Tell services that call other services (tasks -> tokenizer, inference) how to reach this server."""
         s = self.settings
         tls = s.tls_cert is not None and s.tls_key is not None
         # With TLS: localhost, the name a self-signed development certificate is most likely issued for.
-        target = local_address("localhost" if tls else s.host, self.port)
+        target = local_address("localhost" if tls else s.host, port)
         keys = sorted(s.load_api_keys())
         for service in self.services:
             if hasattr(service, "bind_local_target"):

@@ -46,7 +46,8 @@ CALL_GONE: tuple[type[BaseException], ...] = tuple(
 PUBLIC_SERVICE_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 
 
-class ScopedInterceptor(grpc.aio.ServerInterceptor):
+# grpcio ships no type information: its ServerInterceptor base is untyped to mypy.
+class ScopedInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Base: subclasses implement `scope()`, entered around every call of the methods they apply to."""
 
     def applies_to(self, method: str) -> bool:

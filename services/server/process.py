@@ -20,6 +20,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 _LISTENING = re.compile(r"genloom serving .* on ([\w.:\[\]-]+):(\d+)")
 _METRICS = re.compile(r"metrics on http://[\w.:\[\]-]+:(\d+)/")
+# grpc_health ships no type information; the status is an int enum value.
+SERVING: int = health_pb2.HealthCheckResponse.SERVING
 
 
 class ServerProcess:
@@ -83,7 +85,7 @@ class ServerProcess:
 
     def _serving(self) -> bool:
         try:
-            return self.health() == health_pb2.HealthCheckResponse.SERVING
+            return self.health() == SERVING
         except grpc.RpcError:  # a busy machine may answer slowly while models load: ask again
             return False
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from genloom.services.tasks.chunking import Chunk
 from genloom.services.tasks.context import Fitted, Tally, TaskContext, generate_request, sampling_for
 from genloom.services.tasks.prompts import UNANSWERABLE, PromptSpec, answer_prompt
-from genloom.v1 import inference_pb2, tasks_pb2
+from genloom.v1 import common_pb2, inference_pb2, tasks_pb2
 
 DEFAULT_MAX_NEW_TOKENS = 64
 
@@ -22,7 +22,7 @@ class AnswerOptions:
     instruction: str
     sampling: inference_pb2.SamplingParams
     chunking: tasks_pb2.ChunkingOptions
-    truncation: int
+    truncation: common_pb2.TruncationSide
 
     @property
     def max_new_tokens(self) -> int:
@@ -42,7 +42,7 @@ class _Candidate:
     text: str
     unanswerable: bool
     score: float
-    finish_reason: int
+    finish_reason: inference_pb2.FinishReason
     fitted: Fitted
     chunk: Chunk | None
 

@@ -21,7 +21,7 @@ from genloom.services.tasks.prompts import (
     reply_prefix,
     text_turn,
 )
-from genloom.v1 import inference_pb2, tasks_pb2, tokenizer_pb2
+from genloom.v1 import common_pb2, inference_pb2, tasks_pb2, tokenizer_pb2
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -35,7 +35,7 @@ class ClassifyOptions:
     examples: Sequence[tasks_pb2.ClassifyExample]
     instruction: str
     sampling: inference_pb2.SamplingParams
-    truncation: int
+    truncation: common_pb2.TruncationSide
     threshold: float
     normalize_by_length: bool
 

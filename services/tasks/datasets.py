@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -195,7 +195,12 @@ def _check_answer(record: tasks_pb2.AnswerExample, at: str) -> Iterator[FieldVio
         yield FieldViolation(f"{at}.answer", "must not be empty unless unanswerable is set")
 
 
-_CHECKS = {"classify": _check_classify, "summarize": _check_summarize, "answer": _check_answer}
+# Keyed by the record kind; each takes that kind of record (read from the EvalRecord by name, hence Any).
+_CHECKS: dict[str, Callable[[Any, str], Iterator[FieldViolation]]] = {
+    "classify": _check_classify,
+    "summarize": _check_summarize,
+    "answer": _check_answer,
+}
 
 
 def validate_records(records: Sequence[tasks_pb2.EvalRecord], task: int, *, field: str) -> None:

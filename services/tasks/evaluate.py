@@ -2,7 +2,8 @@
 method), each item through the same task code the RPCs use; streams progress and predictions, then metrics.
 
 Few-shot examples come from an example split (a separate dataset, or records held out from the front of the
-dataset) and never from the items scored.
+dataset) and never from the items scored. Items get their checks and TaskContext from TaskCore
+(services/tasks/core.py), as the RPCs' inputs do; TaskServicer.Evaluate runs an Evaluation.
 """
 
 from __future__ import annotations
@@ -12,19 +13,17 @@ import random
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
 from genloom.services.server.errors import FieldViolation, InvalidArgument, ServiceError, quote
 from genloom.services.tasks import metrics
 from genloom.services.tasks.answer import AnswerOptions, answer
 from genloom.services.tasks.classify import classify
+from genloom.services.tasks.context import TaskContext
+from genloom.services.tasks.core import TaskCore
 from genloom.services.tasks.datasets import gold_answers, gold_labels, load_dataset_async
 from genloom.services.tasks.summarize import SummarizeOptions, summarize
 from genloom.services.tasks.validation import Checks
-from genloom.v1 import common_pb2, tasks_pb2
-
-if TYPE_CHECKING:
-    from genloom.services.tasks.servicer import TaskServicer
+from genloom.v1 import common_pb2, inference_pb2, tasks_pb2
 
 PRIMARY_METRIC = {
     tasks_pb2.TASK_TYPE_CLASSIFY: "accuracy",
@@ -64,9 +63,9 @@ class _Outcome:
 
 
 class Evaluation:
-    def __init__(self, servicer: TaskServicer, request: tasks_pb2.EvaluateRequest) -> None:
-        self.servicer = servicer
-        self.settings = servicer.settings
+    def __init__(self, core: TaskCore, request: tasks_pb2.EvaluateRequest) -> None:
+        self.core = core
+        self.settings = core.settings
         self.request = request
         self.task = request.task
         self.items: list[tasks_pb2.EvalRecord] = []
@@ -113,7 +112,7 @@ class Evaluation:
             )
         InvalidArgument.raise_for(checks.violations)
 
-        self.default_model = (await self.servicer.upstream.model_facts("")).name
+        self.default_model = (await self.core.upstream.model_facts("")).name
         records = await self._load(r.dataset, "dataset")
         if r.HasField("examples"):
             default_split = await self._load(r.examples, "examples")
@@ -148,13 +147,13 @@ class Evaluation:
             InvalidArgument.raise_for(bad[:1])
         # The sampling checks that need each model's vocabulary: refused here once, not as a failure per item.
         vocabulary = Checks(s)
-        for config in self.configs:
-            own = config.spec.HasField("sampling")
-            facts = await self.servicer.upstream.model_facts(config.spec.model.model)
+        for resolved in self.configs:
+            own = resolved.spec.HasField("sampling")
+            facts = await self.core.upstream.model_facts(resolved.spec.model.model)
             vocabulary.vocabulary(
-                config.spec.sampling if own else r.sampling,
+                resolved.spec.sampling if own else r.sampling,
                 facts.vocab_size,
-                f"configurations[{config.index}].sampling" if own else "sampling",
+                f"configurations[{resolved.index}].sampling" if own else "sampling",
             )
         InvalidArgument.raise_for(vocabulary.violations)
 
@@ -186,7 +185,7 @@ class Evaluation:
         return [tasks_pb2.ClassLabel(name=n) for n in names]
 
     def _resolve(
-        self, i: int, config: tasks_pb2.EvalConfiguration, split: Sequence[Any]
+        self, i: int, config: tasks_pb2.EvalConfiguration, split: Sequence[tasks_pb2.EvalRecord]
     ) -> tasks_pb2.EvalConfiguration:
         at = f"configurations[{i}]"
         checks = Checks(self.settings)
@@ -333,8 +332,8 @@ class Evaluation:
         )
         yield tasks_pb2.EvaluateResponse(result=result)
 
-    async def _context(self, spec: tasks_pb2.EvalConfiguration) -> Any:
-        return await self.servicer._context(spec.model, spec.strategy, spec.shots, spec.shots)
+    async def _context(self, spec: tasks_pb2.EvalConfiguration) -> TaskContext:
+        return await self.core.context(spec.model, spec.strategy, spec.shots, spec.shots)
 
     def _examples_for(self, config: _Config, item: int) -> list[tasks_pb2.EvalRecord]:
         spec = config.spec
@@ -345,86 +344,123 @@ class Evaluation:
             return rng.sample(config.split, spec.shots)
         return config.split[: spec.shots]
 
-    async def _item(self, config: _Config, i: int, shared: Any) -> _Outcome:
+    async def _item(self, config: _Config, i: int, shared: TaskContext | None) -> _Outcome:
         record = self.items[i]
         spec = config.spec
         examples = self._examples_for(config, i)
         prediction = tasks_pb2.EvalPrediction(configuration_index=config.index, item_index=i)
         sampling = spec.sampling if spec.HasField("sampling") else self.request.sampling
-        r = self.request
         started = time.monotonic()
         try:
             ctx = shared if shared is not None else await self._context(spec)
             outcome = _Outcome(i, 0.0, prediction)
             if self.task == tasks_pb2.TASK_TYPE_CLASSIFY:
-                request = tasks_pb2.ClassifyRequest(
-                    labels=self.labels,
-                    multi_label=r.options.multi_label,
-                    method=spec.method,
-                    calibrate=spec.calibrate,
-                    strategy=spec.strategy,
-                    examples=[e.classify for e in examples],
-                    max_examples=spec.shots,
-                    instruction=r.options.instruction,
-                    sampling=sampling,
-                    truncation=r.truncation,
-                )
-                options = self.servicer.classify_options(request, check_texts=False)
-                result = await classify(ctx, record.classify.text, options, f"dataset[{i}]")
-                prediction.prediction = result.label
-                prediction.predicted_labels.extend(result.labels)
-                prediction.reference = ", ".join(record.classify.labels)
-                gold = set(gold_labels(record))
-                prediction.score = 1.0 if set(result.labels) == gold else 0.0
-                outcome.predicted_labels = list(result.labels)
+                usage, report = await self._classify(ctx, spec, record, examples, sampling, outcome)
             elif self.task == tasks_pb2.TASK_TYPE_SUMMARIZE:
-                options = SummarizeOptions(
-                    examples=[e.summarize for e in examples],
-                    target=r.options.target_length if r.options.HasField("target_length") else None,
-                    fmt=r.options.format or tasks_pb2.SUMMARY_FORMAT_PROSE,
-                    instruction=r.options.instruction,
-                    sampling=sampling,
-                    chunking=r.chunking,
-                    truncation=r.truncation,
-                )
-                result = None
-                async for event in summarize(ctx, record.summarize.document, options, f"dataset[{i}]"):
-                    result = event
-                assert isinstance(result, tasks_pb2.SummaryResult)
-                prediction.prediction = result.summary
-                prediction.reference = record.summarize.summary
-                outcome.rouge = metrics.rouge(result.summary, record.summarize.summary)
-                prediction.score = outcome.rouge[2]
+                usage, report = await self._summarize(ctx, record, examples, sampling, outcome)
             else:
-                options = AnswerOptions(
-                    examples=[e.answer for e in examples],
-                    allow_unanswerable=r.options.allow_unanswerable,
-                    instruction=r.options.instruction,
-                    sampling=sampling,
-                    chunking=r.chunking,
-                    truncation=r.truncation,
-                )
-                item = tasks_pb2.AnswerItem(question=record.answer.question, context=record.answer.context)
-                result = await answer(ctx, item, options, f"dataset[{i}]")
-                prediction.prediction = result.answer
-                prediction.unanswerable = result.unanswerable
-                golds = gold_answers(record)
-                prediction.reference = (
-                    UNANSWERABLE_REFERENCE if record.answer.unanswerable else (golds[0] if golds else "")
-                )
-                outcome.answer_scores = metrics.answer_scores(
-                    result.answer, result.unanswerable, golds, record.answer.unanswerable
-                )
-                prediction.score = outcome.answer_scores[1]
-            outcome.usage = result.usage
-            outcome.prompt_tokens = result.context.prompt_tokens
-            outcome.examples_used = result.context.examples_used
+                usage, report = await self._answer(ctx, record, examples, sampling, outcome)
+            outcome.usage = usage
+            outcome.prompt_tokens = report.prompt_tokens
+            outcome.examples_used = report.examples_used
         except ServiceError as err:
             prediction.error = err.message
             outcome = _Outcome(i, 0.0, prediction, failed=True)
         outcome.latency = time.monotonic() - started
         prediction.latency_s = outcome.latency
         return outcome
+
+    async def _classify(
+        self,
+        ctx: TaskContext,
+        spec: tasks_pb2.EvalConfiguration,
+        record: tasks_pb2.EvalRecord,
+        examples: Sequence[tasks_pb2.EvalRecord],
+        sampling: inference_pb2.SamplingParams,
+        outcome: _Outcome,
+    ) -> tuple[common_pb2.Usage, tasks_pb2.ContextReport]:
+        r = self.request
+        prediction = outcome.prediction
+        request = tasks_pb2.ClassifyRequest(
+            labels=self.labels,
+            multi_label=r.options.multi_label,
+            method=spec.method,
+            calibrate=spec.calibrate,
+            strategy=spec.strategy,
+            examples=[e.classify for e in examples],
+            max_examples=spec.shots,
+            instruction=r.options.instruction,
+            sampling=sampling,
+            truncation=r.truncation,
+        )
+        options = self.core.classify_options(request, check_texts=False)
+        result = await classify(ctx, record.classify.text, options, f"dataset[{outcome.item}]")
+        prediction.prediction = result.label
+        prediction.predicted_labels.extend(result.labels)
+        prediction.reference = ", ".join(record.classify.labels)
+        gold = set(gold_labels(record))
+        prediction.score = 1.0 if set(result.labels) == gold else 0.0
+        outcome.predicted_labels = list(result.labels)
+        return result.usage, result.context
+
+    async def _summarize(
+        self,
+        ctx: TaskContext,
+        record: tasks_pb2.EvalRecord,
+        examples: Sequence[tasks_pb2.EvalRecord],
+        sampling: inference_pb2.SamplingParams,
+        outcome: _Outcome,
+    ) -> tuple[common_pb2.Usage, tasks_pb2.ContextReport]:
+        r = self.request
+        prediction = outcome.prediction
+        options = SummarizeOptions(
+            examples=[e.summarize for e in examples],
+            target=r.options.target_length if r.options.HasField("target_length") else None,
+            fmt=r.options.format or tasks_pb2.SUMMARY_FORMAT_PROSE,
+            instruction=r.options.instruction,
+            sampling=sampling,
+            chunking=r.chunking,
+            truncation=r.truncation,
+        )
+        result = None
+        async for event in summarize(ctx, record.summarize.document, options, f"dataset[{outcome.item}]"):
+            result = event
+        assert isinstance(result, tasks_pb2.SummaryResult)
+        prediction.prediction = result.summary
+        prediction.reference = record.summarize.summary
+        outcome.rouge = metrics.rouge(result.summary, record.summarize.summary)
+        prediction.score = outcome.rouge[2]
+        return result.usage, result.context
+
+    async def _answer(
+        self,
+        ctx: TaskContext,
+        record: tasks_pb2.EvalRecord,
+        examples: Sequence[tasks_pb2.EvalRecord],
+        sampling: inference_pb2.SamplingParams,
+        outcome: _Outcome,
+    ) -> tuple[common_pb2.Usage, tasks_pb2.ContextReport]:
+        r = self.request
+        prediction = outcome.prediction
+        options = AnswerOptions(
+            examples=[e.answer for e in examples],
+            allow_unanswerable=r.options.allow_unanswerable,
+            instruction=r.options.instruction,
+            sampling=sampling,
+            chunking=r.chunking,
+            truncation=r.truncation,
+        )
+        item = tasks_pb2.AnswerItem(question=record.answer.question, context=record.answer.context)
+        result = await answer(ctx, item, options, f"dataset[{outcome.item}]")
+        prediction.prediction = result.answer
+        prediction.unanswerable = result.unanswerable
+        golds = gold_answers(record)
+        prediction.reference = UNANSWERABLE_REFERENCE if record.answer.unanswerable else (golds[0] if golds else "")
+        outcome.answer_scores = metrics.answer_scores(
+            result.answer, result.unanswerable, golds, record.answer.unanswerable
+        )
+        prediction.score = outcome.answer_scores[1]
+        return result.usage, result.context
 
     def _metrics(self, outcomes: Sequence[_Outcome], total_s: float) -> tasks_pb2.EvalMetrics:
         scored = [o for o in outcomes if not o.failed]

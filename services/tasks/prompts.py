@@ -44,7 +44,7 @@ class PromptSpec:
     def with_query(self, query: str) -> PromptSpec:
         return replace(self, query=query)
 
-    def messages(self) -> list[tuple[int, str]]:
+    def messages(self) -> list[tuple[common_pb2.Role, str]]:
         """(role, content) pairs, system first."""
         out = [(common_pb2.ROLE_SYSTEM, self.system)]
         for i in self.used:

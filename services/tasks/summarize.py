@@ -18,7 +18,7 @@ from genloom.services.tasks.context import (
     sampling_for,
 )
 from genloom.services.tasks.prompts import PromptSpec, summaries_turn, summarize_prompt
-from genloom.v1 import inference_pb2, tasks_pb2
+from genloom.v1 import common_pb2, inference_pb2, tasks_pb2
 
 MAX_REDUCE_ROUNDS = 8
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -32,7 +32,7 @@ class SummarizeOptions:
     instruction: str
     sampling: inference_pb2.SamplingParams
     chunking: tasks_pb2.ChunkingOptions
-    truncation: int
+    truncation: common_pb2.TruncationSide
 
     @property
     def max_new_tokens(self) -> int:
@@ -215,7 +215,7 @@ def _group(parts: Sequence[tuple[str, int]], room: int) -> list[list[tuple[str, 
 async def _run_all(
     specs: Sequence[PromptSpec],
     run: Callable[[PromptSpec], Awaitable[tuple[str, int]]],
-    stage: int,
+    stage: tasks_pb2.SummarizeStage,
     round_number: int,
 ) -> AsyncIterator[tuple[tasks_pb2.SummarizeProgress, list[tuple[str, int]]]]:
     """Run `run(spec)` for every spec concurrently; yield (progress, results so far in order) after each."""

@@ -22,8 +22,8 @@ from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
 from google.rpc.error_details_pb2 import RetryInfo
 
-from genloom._transport import KEEPALIVE_OPTIONS, OVERLOADED_SERVER_MESSAGE
 from genloom.services.server import errors
+from genloom.services.server.channels import KEEPALIVE_OPTIONS, OVERLOADED_SERVER_MESSAGE
 from genloom.services.server.interceptors import request_id_var
 from genloom.services.server.lru import LRUCache
 from genloom.services.tasks.settings import TasksSettings
@@ -126,8 +126,9 @@ class Upstream:
             tok_channel if (inf_target, inf_local) == (tok_target, tok_local) else self._channel(inf_target, inf_local)
         )
         self._channels = list({id(c): c for c in (tok_channel, inf_channel)}.values())
-        self.tokenizer = tokenizer_pb2_grpc.TokenizerServiceStub(tok_channel)
-        self.inference = inference_pb2_grpc.InferenceServiceStub(inf_channel)
+        # The generated stub classes carry no annotations.
+        self.tokenizer = tokenizer_pb2_grpc.TokenizerServiceStub(tok_channel)  # type: ignore[no-untyped-call]
+        self.inference = inference_pb2_grpc.InferenceServiceStub(inf_channel)  # type: ignore[no-untyped-call]
         if not self._api_key and (tok_local or inf_local):
             self._api_key = self._local_api_key
 

@@ -340,8 +340,8 @@ async def test_classify_prompt_is_what_the_task_service_sends_for_a_zero_shot_ge
     # The task service's own path for Classify GENERATE: its options, its context, its prompt fitting (which
     # tokenizes through the tokenizer service); these ids are what it sends to InferenceService.Generate.
     request = classify_request(review, multi_label)
-    classify_options = task_service.classify_options(request)
-    ctx = await task_service._context(
+    classify_options = task_service.core.classify_options(request)
+    ctx = await task_service.core.context(
         common_pb2.ModelRef(model=model), request.strategy, len(request.examples), request.max_examples
     )
     assert ctx.chat is chat
@@ -358,7 +358,7 @@ async def test_classify_prompt_is_what_the_task_service_sends_for_a_zero_shot_ge
 
 
 async def test_summarize_and_answer_records(tok: LoadedTokenizer, task_service: TaskServicer) -> None:
-    ctx = await task_service._context(common_pb2.ModelRef(), tasks_pb2.PROMPT_STRATEGY_ZERO_SHOT, 0, 0)
+    ctx = await task_service.core.context(common_pb2.ModelRef(), tasks_pb2.PROMPT_STRATEGY_ZERO_SHOT, 0, 0)
     length = tasks_pb2.SummaryLength(unit=tasks_pb2.SUMMARY_LENGTH_UNIT_WORDS, value=10)
     summarize_options = tasks_pb2.TaskPromptOptions(target_length=length, format=tasks_pb2.SUMMARY_FORMAT_BULLETS)
     document = "The council met on Monday. It approved the new park and delayed the road budget."
