@@ -61,7 +61,8 @@ def _target(module: str, imported: str | None) -> str | None:
 
 
 GRAPH: dict[str, set[str]] = {
-    name: {t for m, n, _ in _imports(name, path) if (t := _target(m, n)) and t != name} for name, path in MODULES.items()
+    name: {t for m, n, _ in _imports(name, path) if (t := _target(m, n)) and t != name}
+    for name, path in MODULES.items()
 }
 
 
@@ -127,8 +128,24 @@ def test_no_service_imports_another_services_servicer_or_private_names() -> None
                 continue
             target = _target(module, imported) or module
             if target.endswith(".servicer") or (imported or "").startswith("_") or "._" in target:
-                crossings.append(f"{path.relative_to(ROOT)}:{line} imports {target}{'.' + imported if imported else ''}")
+                what = f"{target}.{imported}" if imported and target == module else target
+                crossings.append(f"{path.relative_to(ROOT)}:{line} imports {what}")
     assert crossings == []
+
+
+def test_services_reach_no_private_attribute_of_another_object() -> None:
+    """`x._name` only on self or cls: what another module may use is public, so a split can't hide a back door."""
+    reached = [
+        f"{path.relative_to(ROOT)}:{node.lineno} {ast.unparse(node)}"
+        for name, path in MODULES.items()
+        if name.startswith("genloom.services")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Attribute)
+        and node.attr.startswith("_")
+        and not node.attr.startswith("__")
+        and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls", "os"))  # os._Environ: a type
+    ]
+    assert reached == []
 
 
 def test_services_do_not_depend_on_the_sdk_client() -> None:

@@ -21,7 +21,7 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_MAX_RETRIES = 8
 """Retries of a call (see `is_retryable`). Under overload a call needs as many tries as it takes for a slot to
-free up: with two, 15-16 of 40 clients got through a queue of 4 (tests/test_sdk_overload.py), with eight all of
+free up: with two, 15-16 of 40 clients got through a queue of 4 (tests/sdk/test_sdk_overload.py), with eight all of
 them. Eight waits take 20-28 s on average (0.5 s doubling to 8 s, plus any RetryInfo), within the default 60 s
 timeout, which bounds them all anyway."""
 INITIAL_BACKOFF = 0.5

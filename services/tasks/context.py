@@ -143,16 +143,16 @@ class TaskContext:
     async def generate(self, request: inference_pb2.GenerateRequest) -> inference_pb2.GenerateResponse:
         async with self.semaphore:
             response = await self.upstream.generate(request)
-        self._note_model(response.model)
+        self.note_model(response.model)
         return response
 
     async def score(self, request: inference_pb2.ScoreRequest) -> inference_pb2.ScoreResponse:
         async with self.semaphore:
             response = await self.upstream.score(request)
-        self._note_model(response.model)
+        self.note_model(response.model)
         return response
 
-    def _note_model(self, model: common_pb2.ModelRef) -> None:
+    def note_model(self, model: common_pb2.ModelRef) -> None:
         if self.resolved_model is None:
             self.resolved_model = common_pb2.ModelRef()
             self.resolved_model.CopyFrom(model)

@@ -115,7 +115,7 @@ async def summarize(
                 elif message.HasField("finish"):
                     finish = message.finish
         assert finish is not None, "the inference stream ended without a finish message"
-        ctx._note_model(finish.model)
+        ctx.note_model(finish.model)
         text = "".join(pieces)
         finish_reason = finish.finish_reason
         completion = finish.usage.completion_tokens

@@ -4,7 +4,7 @@ follows it with WatchJob; a real `genloom worker` trains it (tiny random Llama).
 tests/node/finetune_client.mjs loads the .proto at run time (no generated code), sends its records inline as JSONL
 bytes, streams WatchJob to the terminal event and prints what it saw as one JSON object; this test checks that
 against the Python stub's view of the same job. Without Node.js or `make node-deps` it fails rather than skips,
-as tests/test_node_client.py does.
+as tests/node/test_node_clients.py does.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 
 from genloom.v1 import finetune_pb2
 
-from ..test_node_client import NODE_DIR, run_node_client
+from ..node.test_node_clients import NODE_DIR, run_node_client
 from .conftest import TINY, FineTuneServer, WorkerProcess, qa_records
 
 S = finetune_pb2

@@ -1,6 +1,6 @@
 // Node.js interop client: streams InferenceService.GenerateStream using nothing but protos/genloom/v1/*.proto.
 //
-// Run by tests/test_node_client.py as `node tests/node/inference_stream_client.mjs` with GENLOOM_TARGET=host:port.
+// Run by tests/node/test_node_clients.py as `node tests/node/inference_stream_client.mjs` with GENLOOM_TARGET=host:port.
 // Prints ONE JSON object on stdout (the streamed text, token ids, message kinds and the finish) and exits 0; on
 // any error prints it on stderr and exits 1.
 

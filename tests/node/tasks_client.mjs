@@ -1,7 +1,7 @@
 // Node.js interop client: calls TaskService (Classify, SummarizeStream, Summarize) using nothing but
 // protos/genloom/v1/*.proto.
 //
-// Run by tests/test_node_client.py as `node tests/node/tasks_client.mjs` with GENLOOM_TARGET=host:port (a server
+// Run by tests/node/test_node_clients.py as `node tests/node/tasks_client.mjs` with GENLOOM_TARGET=host:port (a server
 // hosting the tokenizer, inference and task services). Prints ONE JSON object on stdout (the requests it sent, the
 // classifications with every label's probability, the streamed summary's messages and the unary summary with their
 // context reports) and exits 0; on any error prints it on stderr and exits 1.

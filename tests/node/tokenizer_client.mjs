@@ -1,7 +1,7 @@
 // Node.js interop client for genloom: calls the services using nothing but the .proto files in protos/.
 //
 // No generated code and no genloom package: @grpc/proto-loader reads protos/genloom/v1/*.proto at run time.
-// Run by tests/test_node_client.py as `node tests/node/tokenizer_client.mjs` with GENLOOM_TARGET=host:port.
+// Run by tests/node/test_node_clients.py as `node tests/node/tokenizer_client.mjs` with GENLOOM_TARGET=host:port.
 // Prints ONE JSON object on stdout and exits 0; on any error prints it on stderr and exits 1.
 //
 // The shared helpers (loading services from the protos, deadlines, unary and streaming calls) are in

@@ -27,7 +27,7 @@ from genloom._transport import INITIAL_BACKOFF, MAX_BACKOFF, RetryBudget, backof
 from genloom.services.server import errors
 from genloom.v1 import inference_pb2, inference_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
 
-from .conftest import DEFAULT_MODEL, ServerThread, model_cache, start_server
+from ..conftest import DEFAULT_MODEL, ServerThread, model_cache, start_server
 
 CLIENTS = 40
 QUEUE = 4

@@ -20,7 +20,7 @@ import pytest
 import genloom
 from genloom.services.server.process import ServerProcess
 
-from .conftest import model_cache
+from ..conftest import model_cache
 
 LABELS = ["positive", "negative"]
 TEXTS = ["I loved every minute of it.", "A dull, tedious mess.", "Great acting and a clever plot."]

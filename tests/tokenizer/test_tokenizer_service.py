@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 import genloom
 from genloom.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 
-from .conftest import DEFAULT_MODEL, ServerThread
+from ..conftest import DEFAULT_MODEL, ServerThread
 
 TEXTS = [
     "Hello, world!",

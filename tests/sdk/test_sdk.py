@@ -18,7 +18,7 @@ from genloom._exceptions import error_from_status
 from genloom.services.server import errors
 from genloom.v1 import inference_pb2, inference_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
 
-from .conftest import DEFAULT_MODEL, ServerThread, start_server
+from ..conftest import DEFAULT_MODEL, ServerThread, start_server
 
 
 class FlakyTokenizer(tokenizer_pb2_grpc.TokenizerServiceServicer):
@@ -84,7 +84,7 @@ def test_retries_unavailable_with_backoff_but_never_invalid_argument() -> None:
         with genloom.Client(target=server.target, max_retries=2) as client:
             start = time.monotonic()
             assert client.tokenizer.count_tokens("x").total == 7
-            # First backoff without RetryInfo: full jitter over 0.5 s (the schedule: tests/test_sdk_overload.py).
+            # First backoff without RetryInfo: full jitter over 0.5 s (the schedule: tests/sdk/test_sdk_overload.py).
             assert time.monotonic() - start < 0.5 + 1.0
         assert service.calls == 2
     finally:

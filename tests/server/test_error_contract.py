@@ -35,8 +35,8 @@ from genloom.v1 import (
     tokenizer_pb2_grpc,
 )
 
-from .conftest import ServerThread, start_server
-from .tasks.conftest import DEFAULT_MODEL, TaskStack, bad_request_fields, stop_stack
+from ..conftest import ServerThread, start_server
+from ..tasks.conftest import DEFAULT_MODEL, TaskStack, bad_request_fields, stop_stack
 
 # gRPC refuses some calls whose metadata passes 8 KiB (the soft limit) and all past 16 KiB.
 SOFT_METADATA_LIMIT = 8 * 1024

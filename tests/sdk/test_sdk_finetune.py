@@ -39,7 +39,7 @@ from genloom.types import (
 from genloom.types import finetune as ft_types
 from genloom.v1 import common_pb2, finetune_pb2, finetune_pb2_grpc, tasks_pb2
 
-from .conftest import ServerThread, start_server
+from ..conftest import ServerThread, start_server
 
 BASE = "smollm2-135m-instruct"
 

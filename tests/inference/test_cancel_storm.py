@@ -29,7 +29,7 @@ from genloom.services.server.metrics import RPC_REQUESTS
 from genloom.services.server.settings import ModelSettings
 from genloom.v1 import inference_pb2, inference_pb2_grpc
 
-from .conftest import DEFAULT_MODEL, ServerThread, start_server
+from ..conftest import DEFAULT_MODEL, ServerThread, start_server
 
 CALLS = int(os.environ.get("GENLOOM_TEST_CANCEL_STORM", "1000"))
 CONCURRENCY = 50

@@ -20,9 +20,9 @@ from transformers import AutoTokenizer
 
 import genloom
 
-from .conftest import DEFAULT_MODEL, ServerThread, tokenizer_service
+from ..conftest import DEFAULT_MODEL, ServerThread, tokenizer_service
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 NODE_DIR = REPO_ROOT / "tests" / "node"
 CLIENT = NODE_DIR / "tokenizer_client.mjs"
 ROLES = {"ROLE_SYSTEM": "system", "ROLE_USER": "user", "ROLE_ASSISTANT": "assistant"}
@@ -87,7 +87,7 @@ def test_node_client_streams_generate_stream(default_model_dir: Path) -> None:
     from genloom.services.inference.settings import InferenceSettings
     from genloom.services.server.settings import ModelSettings
 
-    from .conftest import start_server
+    from ..conftest import start_server
 
     models = ModelSettings(model=DEFAULT_MODEL, model_cache=default_model_dir.parent)
     server = start_server([InferenceServicer(models, InferenceSettings(engine="hf"))])
@@ -119,7 +119,7 @@ def test_node_client_calls_the_task_service(default_model_dir: Path) -> None:
     from genloom.services.tasks.servicer import TaskServicer
     from genloom.services.tasks.settings import TasksSettings
 
-    from .conftest import start_server
+    from ..conftest import start_server
 
     models = ModelSettings(model=DEFAULT_MODEL, model_cache=default_model_dir.parent)
     server = start_server(

@@ -63,7 +63,7 @@ def test_registry_resolves_aliases_and_refuses_the_rest(default_model_dir: Path,
     assert registry.resolve(small_model_dir.name).path == small_model_dir
     with pytest.raises(NotFound, match="known models: small"):
         registry.resolve("gpt-5")
-    # Model paths are off by default (tests/test_model_paths.py has them on): a path is an unknown name.
+    # Model paths are off by default (tests/models/test_model_paths.py has them on): a path is an unknown name.
     for path in (str(small_model_dir), "/etc", "/" + "a" * 300):
         with pytest.raises(NotFound, match="GENLOOM_ALLOW_MODEL_PATHS is off"):
             registry.resolve(path)

@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 import pytest
 
-from .conftest import ServerThread, start_server
+from ..conftest import ServerThread, start_server
 
 PROBE = [sys.executable, "-m", "genloom.services.server.probe"]
 

@@ -36,7 +36,7 @@ from genloom.types import (
 )
 from genloom.v1 import common_pb2, inference_pb2, tasks_pb2, tasks_pb2_grpc
 
-from .conftest import ServerThread, start_server
+from ..conftest import ServerThread, start_server
 
 MODEL = common_pb2.ModelRef(model="smollm2-135m-instruct", adapter="")
 

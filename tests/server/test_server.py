@@ -32,7 +32,7 @@ from genloom.services.tokenizer.settings import TokenizerSettings
 from genloom.services.tokenizer.store import TokenizerStore, load_tokenizer
 from genloom.v1 import finetune_pb2, inference_pb2, tasks_pb2, tasks_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
 
-from .conftest import DEFAULT_MODEL, ServerThread, model_cache, start_server, tokenizer_service
+from ..conftest import DEFAULT_MODEL, ServerThread, model_cache, start_server, tokenizer_service
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

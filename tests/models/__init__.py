@@ -1,0 +1,1 @@
+"""Model resolution, model paths and typed settings."""

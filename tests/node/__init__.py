@@ -1,0 +1,1 @@
+"""Interop: clients in other languages (Node.js) that know nothing but protos/."""

@@ -1,0 +1,1 @@
+"""Server plumbing shared by every service: lifecycle, health, errors, paths, caches, scale-out."""
