@@ -89,7 +89,7 @@ class FineTuningServicer(finetune_pb2_grpc.FineTuningServiceServicer):
         self._reaper: asyncio.Task[None] | None = None
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
-        finetune_pb2_grpc.add_FineTuningServiceServicer_to_server(self, server)  # type: ignore[no-untyped-call]
+        finetune_pb2_grpc.add_FineTuningServiceServicer_to_server(self, server)
 
     async def start(self) -> None:
         # socket_timeout above XREAD's 5 s block, so a quiet stream is not a timeout.

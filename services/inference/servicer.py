@@ -48,7 +48,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     # -- Service protocol ---------------------------------------------------------------------------------------
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
-        inference_pb2_grpc.add_InferenceServiceServicer_to_server(self, server)  # type: ignore[no-untyped-call]
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(self, server)
 
     def bind_health(self, report: Callable[[bool], Awaitable[None]]) -> None:
         self.served.bind_health(report)

@@ -132,7 +132,7 @@ async def _label_tokens(ctx: TaskContext, candidates: Sequence[str]) -> int:
         )
         return max(counts)
 
-    return await ctx.once(("candidate-tokens", tuple(candidates)), count)  # type: ignore[no-any-return]
+    return await ctx.once(("candidate-tokens", tuple(candidates)), count)
 
 
 async def _fit(
@@ -199,7 +199,7 @@ async def _content_free(
         probs = [softmax(s.logprobs) for s in scored]
         return [sum(p[j] for p in probs) / len(probs) for j in range(len(candidates))]
 
-    return await ctx.once(("content-free", key, spec.used), compute)  # type: ignore[no-any-return]
+    return await ctx.once(("content-free", key, spec.used), compute)
 
 
 def _calibrate(probs: Sequence[float], prior: Sequence[float]) -> list[float]:

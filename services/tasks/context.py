@@ -7,7 +7,7 @@ import asyncio
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from genloom.services.server.errors import InvalidArgument
 from genloom.services.tasks.chunking import Chunk, split_chunks
@@ -21,6 +21,8 @@ from genloom.v1 import common_pb2, inference_pb2, tasks_pb2, tokenizer_pb2
 CHUNK_MARGIN = 16
 MIN_CHUNK_TOKENS = 64
 DEFAULT_OVERLAP = 64
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -119,7 +121,7 @@ class TaskContext:
     def tokenizer_model(self) -> str:
         return self.model.model
 
-    async def once(self, key: Any, compute: Callable[[], Awaitable[Any]]) -> Any:
+    async def once(self, key: Any, compute: Callable[[], Awaitable[T]]) -> T:
         """`compute()` once per key for the whole request, even when inputs ask concurrently."""
         future = self._cache.get(key)
         if future is None:
@@ -132,7 +134,8 @@ class TaskContext:
                 future.set_exception(err)
                 future.exception()  # retrieved: waiters re-raise it, nobody logs it as unhandled
                 raise
-        return await future
+        result: T = await future
+        return result
 
     # -- upstream calls with the request's budget ------------------------------------------------------------------
 
@@ -175,7 +178,7 @@ class TaskContext:
             counts = await self.upstream.count(self.tokenizer_model, [s.tokenizer_input(self.chat) for s in specs])
             return [c - counts[0] for c in counts[1:]]
 
-        return await self.once(("costs", key), measure)  # type: ignore[no-any-return]
+        return await self.once(("costs", key), measure)
 
     def choose_examples(self, costs: Sequence[int], room: int) -> list[int]:
         """Indices of the examples the strategy uses within `room` tokens: in order, skipping any that do not

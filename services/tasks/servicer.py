@@ -35,7 +35,7 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         # The generated registration function carries no annotations.
-        tasks_pb2_grpc.add_TaskServiceServicer_to_server(self, server)  # type: ignore[no-untyped-call]
+        tasks_pb2_grpc.add_TaskServiceServicer_to_server(self, server)
 
     def bind_local_target(self, target: str, api_key: str, root_cert: bytes | None) -> None:
         self.upstream.bind_local(target, api_key, root_cert)

@@ -127,8 +127,8 @@ class Upstream:
         )
         self._channels = list({id(c): c for c in (tok_channel, inf_channel)}.values())
         # The generated stub classes carry no annotations.
-        self.tokenizer = tokenizer_pb2_grpc.TokenizerServiceStub(tok_channel)  # type: ignore[no-untyped-call]
-        self.inference = inference_pb2_grpc.InferenceServiceStub(inf_channel)  # type: ignore[no-untyped-call]
+        self.tokenizer = tokenizer_pb2_grpc.TokenizerServiceStub(tok_channel)
+        self.inference = inference_pb2_grpc.InferenceServiceStub(inf_channel)
         if not self._api_key and (tok_local or inf_local):
             self._api_key = self._local_api_key
 

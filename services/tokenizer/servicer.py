@@ -35,7 +35,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
     # -- Service protocol (server.app) --------------------------------------------------------------------------
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
-        tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server(self, server)  # type: ignore[no-untyped-call]
+        tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server(self, server)
 
     async def start(self) -> None:
         await self.store.preload()
