@@ -1,7 +1,8 @@
 """The shape of the code base: arrows between modules point one way, servicers stay thin, no file grows unbounded.
 
-Imports are read from the source (every import statement, including those inside functions and under
-TYPE_CHECKING: a deferred import is still an arrow), so these checks need no installed server dependencies.
+Imports are read from the source (every import statement, including those inside functions: a deferred import is
+still an arrow), so these checks need no installed server dependencies. Imports under TYPE_CHECKING carry
+annotations only: they make no circle, but they count for what a service may import.
 """
 
 from __future__ import annotations
@@ -35,10 +36,26 @@ def _modules() -> dict[str, Path]:
 MODULES = _modules()
 
 
-def _imports(name: str, path: Path) -> Iterator[tuple[str, str | None, int]]:
-    """(module imported, name imported from it or None, line) for every import in `path`."""
+def _typing_only(tree: ast.Module) -> set[int]:
+    """Ids of the import nodes under `if TYPE_CHECKING:` (annotations only: no arrow at run time)."""
+    return {
+        id(child)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+        for stmt in node.body
+        for child in ast.walk(stmt)
+    }
+
+
+def _imports(name: str, path: Path, *, typing: bool = True) -> Iterator[tuple[str, str | None, int]]:
+    """(module imported, name imported from it or None, line) for every import in `path` (with `typing=False`,
+    not those under TYPE_CHECKING)."""
     is_package = path.name == "__init__.py"
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    skip = set() if typing else _typing_only(tree)
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
         if isinstance(node, ast.Import):
             for alias in node.names:
                 yield alias.name, None, node.lineno
@@ -60,8 +77,10 @@ def _target(module: str, imported: str | None) -> str | None:
     return module if module in MODULES else None
 
 
+# Run-time arrows. An import under TYPE_CHECKING (annotations only) is no arrow here, but the checks of what a
+# service may import read every import.
 GRAPH: dict[str, set[str]] = {
-    name: {t for m, n, _ in _imports(name, path) if (t := _target(m, n)) and t != name}
+    name: {t for m, n, _ in _imports(name, path, typing=False) if (t := _target(m, n)) and t != name}
     for name, path in MODULES.items()
 }
 

@@ -8,12 +8,15 @@ import contextlib
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Literal
 
 import grpc
 from google.protobuf.message import DecodeError, Message
 
 from genloom.v1 import finetune_pb2
+
+if TYPE_CHECKING:  # annotations only: the records raise these, so they import this module at run time
+    from genloom.types._finetune_records import FineTuneJob, Sweep
 
 __all__ = [
     "APIStatusError",
@@ -212,23 +215,10 @@ class JobError:
         )
 
 
-class _FailedRecord(Protocol):
-    """What FineTuneJobFailed and SweepFailed read from the job or sweep record (a FineTuneJob or a Sweep)."""
-
-    @property
-    def id(self) -> str: ...
-
-    @property
-    def error(self) -> JobError | None: ...
-
-
-_Record = TypeVar("_Record", bound=_FailedRecord)
-
-
-class FineTuneJobFailed(GenLoomError, Generic[_Record]):
+class FineTuneJobFailed(GenLoomError):
     """`FineTuneJob.raise_for_status()` on a failed job: `job` is the record, `error` why it failed."""
 
-    def __init__(self, job: _Record) -> None:
+    def __init__(self, job: FineTuneJob) -> None:
         self.job = job
         self.error = job.error or JobError("unspecified", "")
         lines = [f"fine-tuning job {job.id} failed ({self.error.code}): {self.error.message}"]
@@ -243,10 +233,10 @@ class FineTuneJobFailed(GenLoomError, Generic[_Record]):
         return self.error.line_errors
 
 
-class SweepFailed(GenLoomError, Generic[_Record]):
+class SweepFailed(GenLoomError):
     """`Sweep.raise_for_status()` on a failed sweep: `sweep` is the record, `error` why it failed."""
 
-    def __init__(self, sweep: _Record) -> None:
+    def __init__(self, sweep: Sweep) -> None:
         self.sweep = sweep
         self.error = sweep.error or JobError("unspecified", "")
         super().__init__(f"sweep {sweep.id} failed ({self.error.code}): {self.error.message}")
